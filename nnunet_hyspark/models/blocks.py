@@ -1,0 +1,136 @@
+"""Small building blocks of the hybrid network (MedNeXt-style CNN, pre-norm ViT, U-Net decoder).
+
+Names of sub-modules follow the published HySparK checkpoint (conv1/norm/conv2/conv3,
+timm's norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2) so weights map one to one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, X, Y, Z) map, independently per voxel."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.movedim(1, -1)
+        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return x.movedim(-1, 1)
+
+
+class MedNeXtBlock(nn.Module):
+    """Depthwise k3 conv -> channel LayerNorm -> 1x1 expand (r) -> GELU -> 1x1 project, plus residual."""
+
+    def __init__(self, channels: int, expansion: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv3d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.norm = ChannelLayerNorm(channels)
+        self.conv2 = nn.Conv3d(channels, expansion * channels, 1)
+        self.act = nn.GELU()
+        self.conv3 = nn.Conv3d(expansion * channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv3(self.act(self.conv2(self.norm(self.conv1(x)))))
+
+
+def _pad_low_end(x: torch.Tensor) -> torch.Tensor:
+    """Pad one voxel at the low end of each spatial axis: (2n - 1) -> 2n after a stride-2 transposed conv."""
+    return F.pad(x, (1, 0, 1, 0, 1, 0))
+
+
+class MedNeXtUpBlock(nn.Module):
+    """MedNeXt block whose depthwise conv is a stride-2 transposed conv; doubles the resolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, expansion: int = 4):
+        super().__init__()
+        self.conv1 = nn.ConvTranspose3d(in_channels, in_channels, 3, stride=2, padding=1, groups=in_channels)
+        self.norm = ChannelLayerNorm(in_channels)
+        self.conv2 = nn.Conv3d(in_channels, expansion * in_channels, 1)
+        self.act = nn.GELU()
+        self.conv3 = nn.Conv3d(expansion * in_channels, out_channels, 1)
+        self.res_conv = nn.ConvTranspose3d(in_channels, out_channels, 1, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv3(self.act(self.conv2(self.norm(_pad_low_end(self.conv1(x))))))
+        return y + _pad_low_end(self.res_conv(x))
+
+
+class ResBlock(nn.Module):
+    """(Conv k3 -> InstanceNorm -> LeakyReLU) -> Conv k3 -> InstanceNorm, + 1x1 shortcut, -> LeakyReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        self.norm1 = nn.InstanceNorm3d(out_channels, affine=True)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.InstanceNorm3d(out_channels, affine=True)
+        self.shortcut = nn.Conv3d(in_channels, out_channels, 1)
+        self.shortcut_norm = nn.InstanceNorm3d(out_channels, affine=True)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+        return self.act(y + self.shortcut_norm(self.shortcut(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (timm layout: one qkv projection, one output projection)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"ViT width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm ViT block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 eps: float = 1e-5):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """Xavier-uniform linear layers with zero bias; unit LayerNorms (MAE's ViT initialisation)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

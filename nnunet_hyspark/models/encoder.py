@@ -1,0 +1,160 @@
+"""The HySparK hybrid encoder: a MedNeXt-style CNN down to 1/16, then a ViT on the 1/16 tokens.
+
+One module serves fine-tuning (dense: ``encoder(x)``) and pre-training (masked:
+``encoder(x, mask)``). Masking is a mode, not a copy: in masked mode every CNN
+operator behaves as a submanifold sparse operator (zero output at masked
+positions; kept outputs depend only on kept inputs) and the ViT sees only kept
+tokens. How the masked CNN is executed (dense-then-mask, or block-sparse) is a
+pluggable backend with identical numbers.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from nnunet_hyspark.masking import ENCODER_STRIDE, kept_token_indices, masks_per_scale
+from nnunet_hyspark.models.blocks import MedNeXtBlock, TransformerBlock, init_vit_weights
+from nnunet_hyspark.models.pos_embed import sincos_3d
+
+DEFAULT_WIDTHS = (32, 64, 128, 256, 384)
+DEFAULT_DEPTHS = (1, 1, 3, 3, 1)
+DEFAULT_EXPANSIONS = (2, 4, 4, 4, 2)
+
+
+def check_divisible(spatial_shape: Sequence[int], stride: int = ENCODER_STRIDE, what: str = "patch size") -> None:
+    """Raise a ValueError naming the first axis that is not a multiple of ``stride``."""
+    for axis, n in enumerate(spatial_shape):
+        if n % stride != 0 or n <= 0:
+            raise ValueError(
+                f"{what} {tuple(int(s) for s in spatial_shape)}: axis {axis} has {n} voxels, which is not a "
+                f"positive multiple of {stride} (the hybrid encoder downsamples by {stride})")
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else x * mask
+
+
+class CNNEmbeddings(nn.Module):
+    """stem, layer1..5 (MedNeXt blocks), expend1..4 (k3 width changes), max-pool between scales."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int], depths: Sequence[int],
+                 expansions: Sequence[int], kernel_size: int = 3):
+        super().__init__()
+        w = list(widths)
+        self.stem = nn.Conv3d(in_channels, w[0], kernel_size, padding=kernel_size // 2)
+        layer_widths = [w[0], w[1], w[2], w[3], w[4]]
+        for i in range(5):
+            blocks = [MedNeXtBlock(layer_widths[i], expansions[i], kernel_size) for _ in range(depths[i])]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        for i in range(4):
+            setattr(self, f"expend{i + 1}", nn.Conv3d(w[i], w[i + 1], kernel_size, padding=kernel_size // 2))
+        self.down = nn.MaxPool3d(2)
+
+    def layers(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(5)]
+
+    def expends(self) -> list[nn.Conv3d]:
+        return [getattr(self, f"expend{i + 1}") for i in range(4)]
+
+    def forward(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Returns [x1, x2, x3, x4, h5]; with ``masks`` (one per scale) the dense-masked reference semantics.
+
+        Masking after every block (not after every op inside it) gives the same
+        numbers: inside a block only conv1 is spatial, and it reads a masked input.
+        Max-pooling needs no mask: 2x2x2 windows never straddle a 16^3 cell.
+        """
+        m = masks if masks is not None else [None] * 5
+        h = _masked(self.stem(_masked(x, m[0])), m[0])
+        feats = []
+        for s, layer in enumerate(self.layers()):
+            if s > 0:
+                h = self.down(h)
+            for block in layer:
+                h = _masked(block(h), m[s])
+            if s < 4:
+                h = _masked(self.expends()[s](h), m[s])
+                feats.append(h)
+        feats.append(h)
+        return feats
+
+
+class TokenTransformer(nn.Module):
+    """Pre-norm ViT blocks plus a final LayerNorm over the 1/16 tokens ("mae" in the checkpoint)."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.blocks = nn.ModuleList([TransformerBlock(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.apply(init_vit_weights)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+
+class HybridEncoder(nn.Module):
+    """CNN to 1/16, ViT on the tokens; returns the five skip maps [x1, x2, x3, x4, x5]."""
+
+    def __init__(self, in_channels: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS,
+                 depths: Sequence[int] = DEFAULT_DEPTHS, expansions: Sequence[int] = DEFAULT_EXPANSIONS,
+                 vit_depth: int = 3, vit_heads: int = 12, vit_mlp_ratio: float = 4.0, kernel_size: int = 3):
+        super().__init__()
+        if len(widths) != 5 or len(depths) != 5 or len(expansions) != 5:
+            raise ValueError("widths, depths and expansions need five entries (one per scale)")
+        if widths[4] % 6 != 0:
+            raise ValueError(f"the ViT width widths[4]={widths[4]} must be divisible by 6 (3D sin-cos positions)")
+        self.in_channels = in_channels
+        self.widths = tuple(widths)
+        self.embeddings = CNNEmbeddings(in_channels, widths, depths, expansions, kernel_size)
+        self.mae = TokenTransformer(widths[4], vit_depth, vit_heads, vit_mlp_ratio)
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+
+    def pos_embed(self, grid: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(1, L, C) fixed sin-cos embedding for this token grid (rebuilt, never interpolated)."""
+        key = (tuple(grid), device, dtype)
+        if key not in self._pos_cache:
+            self._pos_cache[key] = sincos_3d(self.widths[4], grid)[None].to(device=device, dtype=dtype)
+        return self._pos_cache[key]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                backend: str = "dense") -> list[torch.Tensor]:
+        """Dense when ``mask`` is None; otherwise ``mask`` (B, gx, gy, gz), True = kept cell."""
+        check_divisible(x.shape[2:], what="input")
+        grid = tuple(n // ENCODER_STRIDE for n in x.shape[2:])
+        if mask is None:
+            feats = self.embeddings(x)
+        else:
+            if tuple(mask.shape) != (x.shape[0], *grid):
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match batch and grid {(x.shape[0], *grid)}")
+            feats = run_masked_cnn(self.embeddings, x, mask, backend)
+        feats[4] = self._transformer(feats[4], mask)
+        return feats
+
+    def _transformer(self, h5: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, c = h5.shape[:2]
+        grid = h5.shape[2:]
+        tokens = h5.flatten(2).transpose(1, 2)  # (B, L, C) in row-major (x, y, z) order
+        tokens = tokens + self.pos_embed(grid, tokens.device, tokens.dtype)
+        if mask is None:
+            out = self.mae(tokens)
+        else:
+            # Only kept tokens enter the ViT, so its cost scales with the kept fraction. Masked
+            # cells come back as zeros: the decoder's densify step fills them with its own
+            # per-scale mask tokens (the reference's ViT mask token is overwritten there anyway).
+            idx = kept_token_indices(mask)
+            kept = torch.gather(tokens, 1, idx[..., None].expand(-1, -1, c))
+            out = torch.zeros_like(tokens).scatter(1, idx[..., None].expand(-1, -1, c), self.mae(kept))
+        return out.transpose(1, 2).reshape(b, c, *grid)
+
+
+def run_masked_cnn(embeddings: CNNEmbeddings, x: torch.Tensor, mask: torch.Tensor,
+                   backend: str = "dense") -> list[torch.Tensor]:
+    """Execute the CNN part with submanifold-sparse semantics using the chosen backend."""
+    if backend == "dense":
+        return embeddings(x, masks_per_scale(mask))
+    from nnunet_hyspark.sparse import get_backend  # optional backends live in their own package
+
+    return get_backend(backend)(embeddings, x, mask)
