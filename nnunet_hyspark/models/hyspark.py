@@ -1,0 +1,168 @@
+"""HySparK pre-training model: masked hybrid encoder -> densify -> light decoder -> masked patch MSE.
+
+Read top to bottom, this file is the whole method (design doc section 2):
+
+1. one random mask per sample on the 1/16 grid, the same keep count in every sample;
+2. the encoder in masked mode (submanifold CNN at every scale, ViT on kept tokens);
+3. densify: masked positions of every skip map get a learnable per-scale mask token,
+   then a projection to the decoder width;
+4. a light U-shaped decoder (BatchNorm, synchronised under DDP) back to full resolution;
+5. MSE against per-patch normalised 16^3 targets, averaged over MASKED patches only.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_hyspark.masking import ENCODER_STRIDE, masks_per_scale, random_cell_mask
+from nnunet_hyspark.models.encoder import HybridEncoder
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm3d(out_channels),
+            nn.ReLU(inplace=True)]
+
+
+class UpStep(nn.Module):
+    """Optional fusion with the skip ([conv k3 + BN + ReLU] x2), then x2 upsampling and halving."""
+
+    def __init__(self, channels: int, fuse_skip: bool):
+        super().__init__()
+        c = channels
+        self.fuse = nn.Sequential(*conv_bn_relu(2 * c, c), *conv_bn_relu(c, c)) if fuse_skip else None
+        self.up = nn.Sequential(nn.ConvTranspose3d(c, c, 2, stride=2), *conv_bn_relu(c, c // 2),
+                                *conv_bn_relu(c // 2, c // 2))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        if self.fuse is not None:
+            x = self.fuse(torch.cat([x, skip], dim=1))
+        return self.up(x)
+
+
+class LightDecoder(nn.Module):
+    """Four up-steps from 1/16 to full resolution; widths halve from ``width``."""
+
+    def __init__(self, width: int, out_channels: int, fuse_full_resolution: bool = False):
+        super().__init__()
+        self.steps = nn.ModuleList(UpStep(width >> i, fuse_skip=i > 0) for i in range(4))
+        c_full = width >> 4
+        self.full_res_fuse = nn.Sequential(*conv_bn_relu(2 * c_full, c_full), *conv_bn_relu(c_full, c_full)) \
+            if fuse_full_resolution else None
+        self.proj = nn.Conv3d(c_full, out_channels, 1)
+
+    def forward(self, projected: list[torch.Tensor]) -> torch.Tensor:
+        """``projected`` = densified skips, smallest first: [x5, x4, x3, x2, x1] at decoder widths."""
+        x = projected[0]
+        for i, step in enumerate(self.steps):
+            x = step(x, projected[i] if i > 0 else None)
+        if self.full_res_fuse is not None:
+            x = self.full_res_fuse(torch.cat([x, projected[4]], dim=1))
+        return self.proj(x)
+
+
+def patchify(x: torch.Tensor, patch: int = ENCODER_STRIDE) -> torch.Tensor:
+    """(B, C, X, Y, Z) -> (B, L, C * patch^3), one row per grid cell in row-major (x, y, z) order."""
+    b, c, X, Y, Z = x.shape
+    gx, gy, gz = X // patch, Y // patch, Z // patch
+    x = x.reshape(b, c, gx, patch, gy, patch, gz, patch)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, gx * gy * gz, c * patch**3)
+
+
+def unpatchify(p: torch.Tensor, channels: int, grid: Sequence[int], patch: int = ENCODER_STRIDE) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    b = p.shape[0]
+    gx, gy, gz = grid
+    x = p.reshape(b, gx, gy, gz, channels, patch, patch, patch).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(b, channels, gx * patch, gy * patch, gz * patch)
+
+
+def normalised_targets(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-patch normalised targets and the statistics used (mean, sqrt(unbiased var + eps))."""
+    target = patchify(x)
+    mean = target.mean(dim=-1, keepdim=True)
+    std = (target.var(dim=-1, keepdim=True, unbiased=True) + eps).sqrt()
+    return (target - mean) / std, mean, std
+
+
+def masked_patch_loss(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-patch MSE against normalised targets, averaged over masked cells (mask False) only."""
+    target, _, _ = normalised_targets(x)
+    per_patch = (patchify(pred) - target).pow(2).mean(dim=-1)  # (B, L)
+    masked = (~mask.flatten(1)).to(per_patch.dtype)
+    return (per_patch * masked).sum() / masked.sum().clamp_min(1.0)
+
+
+class HySparK(nn.Module):
+    """The pre-training model around a :class:`HybridEncoder` (shared, by reference, with fine-tuning)."""
+
+    def __init__(self, encoder: HybridEncoder, mask_ratio: float = 0.75, decoder_width: int | None = None,
+                 fuse_full_resolution: bool = False, sparse_backend: str = "dense"):
+        super().__init__()
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.sparse_backend = sparse_backend
+        w = encoder.widths
+        skip_channels = [w[4], w[4], w[3], w[2], w[1]]  # x5, x4, x3, x2, x1 (smallest first)
+        width = decoder_width or 2 * w[4]  # 768 at the default widths
+        if width % 16 != 0:
+            raise ValueError(f"decoder width {width} must be divisible by 16 (it halves four times)")
+        dec = [width >> i for i in range(5)]
+        self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1, 1)) for c in skip_channels)
+        self.densify_proj = nn.ModuleList(
+            nn.Conv3d(c, d, 1 if i == 0 else 3, padding=0 if i == 0 else 1)
+            for i, (c, d) in enumerate(zip(skip_channels, dec)))
+        self.decoder = LightDecoder(width, encoder.in_channels, fuse_full_resolution)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for token in self.mask_tokens:
+            nn.init.trunc_normal_(token, std=0.02, a=-0.02, b=0.02)
+        for m in [*self.densify_proj.modules(), *self.decoder.modules()]:
+            if isinstance(m, nn.ConvTranspose3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv3d):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def random_mask(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        grid = tuple(n // ENCODER_STRIDE for n in x.shape[2:])
+        return random_cell_mask(x.shape[0], grid, self.mask_ratio, generator, x.device)
+
+    def densify(self, feats: list[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
+        """Fill masked positions with the per-scale mask tokens and project; smallest scale first."""
+        masks = masks_per_scale(mask)  # resolutions 1 ... 1/16, aligned with [x1 ... x5]
+        out = []
+        for i, (feat, m) in enumerate(zip(reversed(feats), reversed(masks))):
+            m = m.to(feat.dtype)
+            filled = feat * m + self.mask_tokens[i].to(feat.dtype) * (1 - m)
+            out.append(self.densify_proj[i](filled))
+        return out
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Returns ``loss``, the reconstruction ``pred`` (normalised-patch space) and the ``mask`` used."""
+        if mask is None:
+            mask = self.random_mask(x)
+        feats = self.encoder(x, mask, backend=self.sparse_backend)
+        pred = self.decoder(self.densify(feats, mask))
+        return {"loss": masked_patch_loss(pred.float(), x.float(), mask), "pred": pred, "mask": mask}
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Images for previews: masked input, and the reconstruction (predicted patches de-normalised
+        with the target's own statistics, kept patches from the input, as MAE visualises)."""
+        _, mean, std = normalised_targets(x.float())
+        full = patchify(pred.float()) * std + mean
+        keep = mask.flatten(1)[..., None].to(full.dtype)
+        grid = mask.shape[1:]
+        recon = unpatchify(full * (1 - keep) + patchify(x.float()) * keep, x.shape[1], grid)
+        masked_input = x.float() * masks_per_scale(mask)[0]
+        return {"input": x.float(), "masked": masked_input, "reconstruction": recon}

@@ -1,0 +1,76 @@
+"""nnU-Net trainer for the HySparK hybrid network trained from scratch, plus short-schedule variants.
+
+nnU-Net does everything else (data loading, augmentation, deep-supervision loss,
+validation, checkpoints); this trainer changes the optimiser to AdamW with
+warm-up and cosine decay. Gradients are clipped at nnU-Net's norm of 12.
+"""
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_hyspark.optim import decay_groups
+from nnunet_hyspark.schedules import WarmupCosineLR
+
+__all__ = ["nnUNetTrainerHySparK", "nnUNetTrainerHySparK_demo", "nnUNetTrainerHySparK_test",
+           "nnUNetTrainerHySparK_5epochs"]
+
+
+class nnUNetTrainerHySparK(nnUNetTrainer):
+    """AdamW (no decay on biases/norms), linear warm-up then cosine decay, deep supervision on."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 3e-4
+        self.weight_decay = 1e-2
+        self.warmup_epochs = 10
+        self.enable_deep_supervision = True
+
+    def param_group_of(self, name: str) -> tuple[str, dict]:
+        """Hook for subclasses: which optimiser group a parameter belongs to, with extra options."""
+        return "all", {}
+
+    def configure_optimizers(self):
+        groups = decay_groups(self.network, self.weight_decay, self.param_group_of)
+        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=(0.9, 0.999))
+        warmup = min(self.warmup_epochs, max(self.num_epochs // 10, 0))
+        scheduler = WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
+        return optimizer, scheduler
+
+
+def _short_schedule(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterations: int) -> None:
+    """Shrink nnU-Net's schedule (1000 epochs x 250 iterations) for demos and tests on a CPU."""
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations
+    trainer.num_val_iterations_per_epoch = val_iterations
+    trainer.save_every = max(1, epochs // 2)
+
+
+class nnUNetTrainerHySparK_5epochs(nnUNetTrainerHySparK):
+    """nnU-Net's naming: 5 epochs of 250 iterations (a quick GPU sanity run)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+class nnUNetTrainerHySparK_demo(nnUNetTrainerHySparK):
+    """The demo's schedule: minutes on a laptop CPU with the tiny architecture."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _short_schedule(self, epochs=8, iterations=25, val_iterations=4)
+        self.initial_lr = 3e-3
+
+
+class nnUNetTrainerHySparK_test(nnUNetTrainerHySparK):
+    """The test suite's schedule: the shortest run that still learns the synthetic organs."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _short_schedule(self, epochs=3, iterations=12, val_iterations=2)
+        self.initial_lr = 3e-3

@@ -1,0 +1,2 @@
+"""Re-exports every nnunet-hyspark trainer for nnU-Net's trainer lookup (absolute imports only)."""
+from nnunet_hyspark.trainers.nnUNetTrainerHySparK import *  # noqa: F401,F403
