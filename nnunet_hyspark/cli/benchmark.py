@@ -1,0 +1,156 @@
+"""``hyspark_benchmark``: compare training arms (e.g. scratch vs. HySparK pre-trained) over nnU-Net folds.
+
+Subcommands are registered in :func:`subcommands`. EXTENSION POINT: to add one (e.g.
+``speed``), write ``add_arguments(parser)`` and ``run(args) -> int`` in its own module and
+add one entry to the dict returned by :func:`subcommands`; nothing else needs to change.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NamedTuple, Sequence
+
+from nnunet_hyspark.errors import cli_entry
+
+
+class Subcommand(NamedTuple):
+    """One ``hyspark_benchmark`` subcommand: help texts, argument setup and the function that runs it."""
+
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------- shared arguments
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    """Arguments that identify a benchmark; shared so folds and summarize agree on them."""
+    from nnunet_hyspark.benchmark.folds import ARM_SPEC_HELP
+
+    parser.add_argument("-d", dest="dataset", required=True, help="dataset name or id, e.g. 1 or Dataset001_Liver")
+    parser.add_argument("-c", dest="configuration", default="3d_fullres",
+                        help="nnU-Net configuration (default: %(default)s)")
+    parser.add_argument("-p", dest="plans", default="nnUNetHySparKPlans",
+                        help="plans identifier (default: %(default)s)")
+    parser.add_argument("-f", dest="folds", nargs="+", type=int, default=None, metavar="FOLD",
+                        help="folds (default: all folds of the splits in effect, nnU-Net's default is 0 1 2 3 4)")
+    parser.add_argument("--arms", nargs="+", default=None, metavar="LABEL=TRAINER[:WEIGHTS]", help=ARM_SPEC_HELP)
+    parser.add_argument("--compare", nargs=2, default=None, metavar=("BASELINE", "OTHER"),
+                        help="arms for the difference table: reports OTHER minus BASELINE with paired tests "
+                             "across folds (default: second arm minus first arm)")
+    parser.add_argument("--output", default=None, metavar="DIR",
+                        help="benchmark folder for manifest, logs and summary (default: "
+                             "$nnUNet_results/DatasetXXX_Name/hyspark_benchmark__PLANS__CONFIG)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a manifest/summary of a different benchmark in the output folder and a "
+                             "different existing splits_final.json (kept as .bak). Finished folds are never "
+                             "retrained; delete their fold_X folder to retrain")
+
+
+# --------------------------------------------------------------------------- folds
+
+def add_folds_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``hyspark_benchmark folds``."""
+    from nnunet_hyspark.benchmark.splits import TEXT_FORMAT_HELP
+
+    _add_common(parser)
+    parser.add_argument("--pretrained_weights", default=None, metavar="FILE",
+                        help="weights for every nnUNetTrainerHySparKFinetune* arm that has none in its spec "
+                             "(required for the default 'pretrained' arm)")
+    parser.add_argument("--splits", default=None, metavar="FILE",
+                        help="custom folds, installed as $nnUNet_preprocessed/DatasetXXX/splits_final.json: "
+                             "nnU-Net's splits_final.json format, or a text file with " + TEXT_FORMAT_HELP)
+    parser.add_argument("--gpus", nargs="+", default=None, metavar="ID",
+                        help="run folds in parallel, one per GPU, via CUDA_VISIBLE_DEVICES (default: sequential "
+                             "with the inherited environment)")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="print the exact nnUNetv2_train commands and run nothing")
+
+
+def run_folds(args: argparse.Namespace) -> int:
+    """Validate everything, then train/resume every arm x fold and summarize."""
+    from nnunet_hyspark.benchmark.folds import build_spec, run_benchmark
+
+    if args.gpus is not None and len(set(args.gpus)) != len(args.gpus):
+        from nnunet_hyspark.errors import HySparKError
+
+        raise HySparKError(f"--gpus lists a GPU twice: {' '.join(args.gpus)}", "list each GPU id once")
+    spec = build_spec(args.dataset, args.configuration, args.plans, args.arms, args.pretrained_weights,
+                      args.folds, args.splits, args.output, args.compare)
+    return run_benchmark(spec, gpus=args.gpus, dry_run=args.dry_run, force=args.force)
+
+
+# --------------------------------------------------------------------------- summarize
+
+def add_summarize_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``hyspark_benchmark summarize``."""
+    _add_common(parser)
+
+
+def run_summarize(args: argparse.Namespace) -> int:
+    """Write the tables and plot from the folds finished so far."""
+    from nnunet_hyspark.benchmark.folds import build_summary_spec, print_locations, summarize_benchmark
+
+    spec = build_summary_spec(args.dataset, args.configuration, args.plans, args.arms, args.folds, args.output,
+                              args.compare)
+    written = summarize_benchmark(spec, force=args.force)
+    print_locations(spec, written, sys.stdout)
+    return 0
+
+
+# --------------------------------------------------------------------------- registry
+
+def subcommands() -> dict[str, Subcommand]:
+    """All subcommands, in --help order. EXTENSION POINT: add new subcommands here."""
+    return {
+        "folds": Subcommand(
+            help="train (or resume) every arm x fold with nnUNetv2_train, then summarize",
+            description="For every requested fold and arm run `nnUNetv2_train ID CONFIG FOLD -tr TRAINER -p PLANS "
+                        "[-pretrained_weights FILE]`. Finished folds (validation/summary.json present) are skipped, "
+                        "folds with a checkpoint are resumed with --c, others start fresh. Logs go to "
+                        "OUTPUT/logs/<arm>_fold<F>.log, state to OUTPUT/benchmark.json; a failing fold is reported "
+                        "and the others still run (exit status 1).",
+            add_arguments=add_folds_arguments,
+            run=run_folds,
+        ),
+        "summarize": Subcommand(
+            help="tables (markdown, CSV), paired tests and a plot from the folds' validation summaries",
+            description="Reads $nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG/fold_F/validation/summary.json "
+                        "for every arm and fold and writes summary.md, summary.csv, summary_aggregate.csv, "
+                        "summary_comparison.csv and summary.png into the benchmark folder. Missing or unfinished "
+                        "folds are listed and excluded. Without --arms/-f the arms and folds of the benchmark's "
+                        "manifest are used.",
+            add_arguments=add_summarize_arguments,
+            run=run_summarize,
+        ),
+    }
+
+
+def build_parser(commands: dict[str, Subcommand] | None = None) -> argparse.ArgumentParser:
+    """The argparse parser with one subparser per registered subcommand."""
+    commands = subcommands() if commands is None else commands
+    parser = argparse.ArgumentParser(
+        prog="hyspark_benchmark",
+        description="Compare training arms (e.g. scratch vs. HySparK pre-trained) over nnU-Net cross-validation "
+                    "folds. Run `hyspark_benchmark SUBCOMMAND --help` for details.")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(commands) + "}", required=True)
+    for name, cmd in commands.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hyspark_benchmark``; exits with the subcommand's status."""
+    args = build_parser().parse_args(argv)
+    status = args._run(args)
+    if status:
+        sys.exit(status)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
