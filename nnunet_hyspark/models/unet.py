@@ -18,6 +18,7 @@ from nnunet_hyspark.models.encoder import (DEFAULT_DEPTHS, DEFAULT_EXPANSIONS, D
                                            check_divisible)
 
 DECODER_SKIP_EXPANSIONS = (2, 4, 4, 4)  # MedNeXt ratio on the skip of decoder1..decoder4
+FIXED_STRIDES = ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))  # per scale; deep supervision 1..1/8
 
 
 class FusionStep(nn.Module):
@@ -63,11 +64,17 @@ class HySparKUNet(nn.Module):
     def __init__(self, input_channels: int, num_classes: int, patch_size: Sequence[int] | None = None,
                  widths: Sequence[int] = DEFAULT_WIDTHS, depths: Sequence[int] = DEFAULT_DEPTHS,
                  expansions: Sequence[int] = DEFAULT_EXPANSIONS, vit_depth: int = 3, vit_heads: int = 12,
-                 vit_mlp_ratio: float = 4.0, deep_supervision: bool = True):
+                 vit_mlp_ratio: float = 4.0, deep_supervision: bool = True, strides: Sequence | None = None):
         super().__init__()
         if patch_size is not None:
             check_divisible(patch_size)
         self.patch_size = tuple(patch_size) if patch_size is not None else None
+        # Plans carry the encoder's strides only because nnU-Net's trainer derives its deep-supervision scales
+        # from them (ConfigurationManager.pool_op_kernel_sizes); the network's strides are fixed.
+        if strides is not None and [[int(s) for s in st] for st in strides] != [list(s) for s in FIXED_STRIDES]:
+            raise ValueError(f"strides {strides} do not match HySparKUNet's fixed strides {FIXED_STRIDES} "
+                             "(full resolution, then four 2x downsamplings); fix the plans")
+        self.strides = FIXED_STRIDES
         self.encoder = HybridEncoder(input_channels, widths, depths, expansions, vit_depth, vit_heads, vit_mlp_ratio)
         self.decoder = HySparKDecoder(widths, num_classes, deep_supervision)
 
