@@ -1,0 +1,290 @@
+"""The pre-training loop shared by every method: schedules, precision, checkpoints, previews, resume.
+
+A method is any ``nn.Module`` whose ``forward(batch)`` returns a dict with ``loss``;
+what to preview and what to export come from a :class:`nnunet_hyspark.pretraining.methods.Method`.
+Only rank 0 writes files; every write is atomic.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunet_hyspark.errors import HySparKError
+from nnunet_hyspark.io import atomic_json_save, atomic_torch_save
+from nnunet_hyspark.optim import decay_groups
+from nnunet_hyspark.pretraining.distributed import DistContext
+from nnunet_hyspark.pretraining.reporting import TrainingLog, plot_progress, save_preview
+from nnunet_hyspark.schedules import cosine_between, warmup_cosine
+
+
+@dataclass
+class LoopConfig:
+    """Schedule and bookkeeping. Defaults are the HySparK reference recipe."""
+
+    epochs: int = 100
+    iterations_per_epoch: int = 250
+    val_iterations: int = 10
+    lr: float = 1e-4
+    warmup_fraction: float = 0.4
+    weight_decay_start: float = 0.04
+    weight_decay_end: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = 5.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only, with a gradient scaler)
+    preview_every: int = 10
+    save_every: int = 5
+    seed: int = 0
+    no_decay_on_1d: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.iterations_per_epoch
+
+
+class NonFiniteLoss(HySparKError):
+    pass
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Pretrainer:
+    """Runs one pre-training job into ``output_dir``; ``run()`` returns the exported weights path."""
+
+    def __init__(self, model: nn.Module, method, cfg: LoopConfig, train_iter: Iterator[torch.Tensor],
+                 val_iter: Iterator[torch.Tensor] | None, output_dir: str | os.PathLike, meta: dict[str, Any],
+                 device: torch.device, dist: DistContext | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.method = method
+        self.device = device
+        self.dist = dist or DistContext()
+        self.output_dir = Path(output_dir)
+        self.meta = meta
+        self.progress = progress and self.dist.is_main
+        self.model = model.to(device)
+        self.train_model = self.dist.wrap(self.model, device)
+        self.optimizer = torch.optim.AdamW(
+            decay_groups(self.model, cfg.weight_decay_start) if cfg.no_decay_on_1d else
+            [{"params": list(self.model.parameters()), "weight_decay": cfg.weight_decay_start}],
+            lr=cfg.lr, betas=cfg.betas)
+        if cfg.precision == "fp16" and device.type != "cuda":
+            raise HySparKError("fp16 needs CUDA", "use --precision bf16 on the CPU (AMX-capable CPUs run it fast)")
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.train_iter = train_iter
+        self.val_iter = val_iter
+        self.step = 0
+        self.history: dict[str, list] = {"train_loss": [], "val_loss": [], "lr": [], "epoch_time": []}
+        self.log = TrainingLog(self.output_dir, enabled=self.dist.is_main)
+        self._preview_batch: torch.Tensor | None = None
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ----------------------------------------------------------------- schedules
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        return warmup_cosine(step, c.total_steps, c.lr, c.warmup_fraction * c.total_steps)
+
+    def weight_decay_at(self, step: int) -> float:
+        c = self.cfg
+        return cosine_between(step, c.total_steps, c.weight_decay_start, c.weight_decay_end)
+
+    def _apply_schedules(self) -> float:
+        lr, wd = self.lr_at(self.step), self.weight_decay_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+            if group["weight_decay"] > 0:
+                group["weight_decay"] = wd
+        return lr
+
+    # ----------------------------------------------------------------- one step
+    def train_step(self, batch: torch.Tensor) -> tuple[float, float]:
+        """One optimiser step; returns (learning rate, loss averaged over ranks)."""
+        lr = self._apply_schedules()
+        self.train_model.train()
+        with autocast_context(self.cfg.precision, self.device):
+            loss = self.train_model(batch.to(self.device, non_blocking=True))["loss"]
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"the loss became {loss.item()} at step {self.step} (epoch {self.step // self.cfg.iterations_per_epoch})",
+                f"kept the last good checkpoint {self.output_dir / 'checkpoint_latest.pth'}; lower --lr, "
+                f"use --precision fp32, or check the data, then resume with --c")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.cfg.clip_grad:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.step += 1
+        return lr, self.dist.mean(loss.detach().float()).item()
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        if self.val_iter is None or self.cfg.val_iterations <= 0:
+            return None
+        self.train_model.eval()
+        gen = torch.Generator().manual_seed(self.cfg.seed + 12345)  # the same masks every epoch
+        losses = []
+        for i in range(self.cfg.val_iterations):
+            batch = next(self.val_iter).to(self.device)
+            if i == 0 and self._preview_batch is None:
+                self._preview_batch = batch[:1].clone()
+            with autocast_context(self.cfg.precision, self.device):
+                losses.append(self.method.validation_loss(self.model, batch, gen).float())
+        return self.dist.mean(torch.stack(losses).mean()).item()
+
+    # ----------------------------------------------------------------- files
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None, "step": self.step,
+                "history": self.history, "rng": rng_state(), "loop_config": asdict(self.cfg), "meta": self.meta}
+
+    def save_checkpoint(self, name: str = "checkpoint_latest.pth") -> Path | None:
+        if not self.dist.is_main:
+            return None
+        path = self.output_dir / name
+        atomic_torch_save(self.checkpoint_state(), path)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.history = state["history"]
+        set_rng_state(state["rng"])
+        self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.cfg.iterations_per_epoch})")
+
+    def _end_of_epoch(self, epoch: int, train_losses: list[float], lr: float, t0: float) -> None:
+        val = self.validate()
+        self.history["train_loss"].append(float(np.mean(train_losses)))
+        self.history["val_loss"].append(val)
+        self.history["lr"].append(lr)
+        self.history["epoch_time"].append(time.time() - t0)
+        val_txt = f"{val:.4f}" if val is not None else "n/a"
+        self.log(f"epoch {epoch}: train loss {self.history['train_loss'][-1]:.4f}, val loss {val_txt}, "
+                 f"lr {lr:.3g}, {self.history['epoch_time'][-1]:.1f} s")
+        if not self.dist.is_main:
+            return
+        plot_progress(self.history, self.output_dir / "progress.png")
+        atomic_json_save(self.history, self.output_dir / "progress.json")
+        last = epoch == self.cfg.epochs - 1
+        if (epoch + 1) % self.cfg.save_every == 0 or last:
+            self.save_checkpoint()
+        if (epoch + 1) % self.cfg.preview_every == 0 or last or epoch == 0:
+            self.write_preview(epoch)
+
+    def write_preview(self, epoch: int) -> None:
+        batch = self._preview_batch if self._preview_batch is not None else next(self.train_iter)[:1].to(self.device)
+        gen = torch.Generator().manual_seed(self.cfg.seed + 54321)
+        self.model.eval()
+        with torch.no_grad(), autocast_context(self.cfg.precision, self.device):
+            panels = self.method.preview(self.model, batch, gen)
+        for name, images in panels.items():
+            suffix = f"_{name}" if name else ""
+            save_preview(images, self.output_dir / "previews" / f"epoch_{epoch + 1:04d}{suffix}.png",
+                         title=f"epoch {epoch + 1}{' ' + name if name else ''}")
+
+    # ----------------------------------------------------------------- run
+    def run(self, resume_from: str | os.PathLike | None = None) -> Path | None:
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        c = self.cfg
+        self.log(f"pre-training {self.meta.get('method')} for {c.epochs} epochs x {c.iterations_per_epoch} iterations, "
+                 f"precision {c.precision}, device {self.device}, world size {self.dist.world_size}")
+        interrupted = _InterruptFlag()
+        with interrupted:
+            start_epoch = self.step // c.iterations_per_epoch
+            for epoch in range(start_epoch, c.epochs):
+                t0 = time.time()
+                losses: list[float] = []
+                lr = self.lr_at(self.step)
+                first = self.step - epoch * c.iterations_per_epoch
+                bar = _progress_bar(range(first, c.iterations_per_epoch), epoch, c.epochs, self.progress)
+                for _ in bar:
+                    lr, loss = self.train_step(next(self.train_iter))
+                    losses.append(loss)
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    if interrupted.requested:
+                        path = self.save_checkpoint()
+                        self.log(f"interrupted at step {self.step}: saved {path}; continue with --c")
+                        raise KeyboardInterrupt
+                self._end_of_epoch(epoch, losses, lr, t0)
+        if not self.dist.is_main:
+            return None
+        self.save_checkpoint("checkpoint_final.pth")
+        meta = {**self.meta, "steps": self.step, "final_train_loss": self.history["train_loss"][-1],
+                "final_val_loss": self.history["val_loss"][-1]}
+        weights = self.method.export(self.model, meta, self.output_dir / "encoder_weights.pth")
+        self.log(f"done. encoder weights for nnUNetv2_train -pretrained_weights: {weights}")
+        return weights
+
+
+def _progress_bar(iterable, epoch: int, epochs: int, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+
+
+class _InterruptFlag:
+    """Turns Ctrl-C into a flag checked between steps, so a checkpoint is never written mid-step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not in the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False

@@ -1,0 +1,176 @@
+"""Fine-tuning the hybrid network from pre-trained encoder weights, through nnU-Net's own command:
+
+    nnUNetv2_train D 3d_fullres F -tr nnUNetTrainerHySparKFinetune -p nnUNetHySparKPlans \\
+        -pretrained_weights <encoder_weights.pth>
+
+nnU-Net's module-level ``load_pretrained_weights`` does the loading after this
+trainer's ``initialize()``. Before that, ``initialize()`` inspects the same file
+and (a) refuses weights pre-trained with a different spacing or intensity
+normalisation, a different architecture or a different number of input channels
+(with the command that fixes it), and (b) logs what will be loaded, missing and
+ignored. After loading, ``on_train_start`` verifies the encoder really holds the
+file's tensors. The encoder trains at a lower learning rate than the decoder, and
+can be frozen for the first epochs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+from nnunet_hyspark.errors import HySparKError
+from nnunet_hyspark.trainers.nnUNetTrainerHySparK import _short_schedule, nnUNetTrainerHySparK
+from nnunet_hyspark.weights import format_report, load_weights_file, transfer_report
+
+__all__ = ["nnUNetTrainerHySparKFinetune", "nnUNetTrainerHySparKFinetune_demo", "nnUNetTrainerHySparKFinetune_test",
+           "nnUNetTrainerHySparKFinetune_frozen_test", "pretrained_weights_argument", "plans_compatibility_problems"]
+
+ALLOW_MISMATCH_ENV = "HYSPARK_ALLOW_PLANS_MISMATCH"
+
+
+def pretrained_weights_argument(argv: list[str] | None = None) -> str | None:
+    """The ``-pretrained_weights`` value of the running ``nnUNetv2_train`` command, if any.
+
+    nnU-Net does not hand the path to the trainer, so we read the command line (or the
+    ``HYSPARK_PRETRAINED_WEIGHTS`` variable when training is started from Python).
+    """
+    argv = sys.argv if argv is None else argv
+    for i, a in enumerate(argv):
+        if a == "-pretrained_weights" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("-pretrained_weights="):
+            return a.split("=", 1)[1]
+    return os.environ.get("HYSPARK_PRETRAINED_WEIGHTS")
+
+
+def plans_compatibility_problems(meta: dict, spacing, normalization_schemes, intensity_properties) -> list[str]:
+    """Differences in spacing or intensity normalisation between pre-training and this plan."""
+    problems = []
+    if meta.get("spacing") is not None and not np.allclose(meta["spacing"], spacing, rtol=0.02):
+        problems.append(f"spacing: pre-trained at {list(meta['spacing'])} mm, this plan uses {list(spacing)} mm")
+    if meta.get("normalization_schemes") is not None and list(meta["normalization_schemes"]) != list(normalization_schemes):
+        problems.append(f"normalisation: pre-trained with {meta['normalization_schemes']}, "
+                        f"this plan uses {list(normalization_schemes)}")
+    theirs = (meta.get("foreground_intensity_properties_per_channel") or {}).get("0")
+    ours = (intensity_properties or {}).get("0")
+    if theirs and ours and "CTNormalization" in list(normalization_schemes):
+        for key in ("percentile_00_5", "percentile_99_5", "mean", "std"):
+            a, b = theirs.get(key), ours.get(key)
+            if a is not None and b is not None and abs(a - b) > 0.05 * max(abs(a), abs(b), 1.0):
+                problems.append(f"CT intensity {key}: pre-trained with {a:.1f}, this plan uses {b:.1f}")
+    return problems
+
+
+class nnUNetTrainerHySparKFinetune(nnUNetTrainerHySparK):
+    """Fine-tunes from ``-pretrained_weights``; encoder at ``encoder_lr_scale`` x the learning rate."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.encoder_lr_scale = 0.1
+        self.freeze_encoder_epochs = 0
+        self.warmup_epochs = 20
+        self.pretrained_weights_file = pretrained_weights_argument()
+        self._pretrained_encoder: dict[str, torch.Tensor] | None = None
+
+    def param_group_of(self, name: str) -> tuple[str, dict]:
+        if name.startswith("encoder."):
+            return "encoder", {"lr_scale": self.encoder_lr_scale, "frozen_until": self.freeze_encoder_epochs}
+        return "decoder", {}
+
+    def initialize(self):
+        was = self.was_initialized
+        super().initialize()
+        if not was and self.pretrained_weights_file:
+            self._inspect_pretrained(self.pretrained_weights_file)
+
+    def _inspect_pretrained(self, path: str) -> None:
+        try:
+            file_state, meta = load_weights_file(path)
+        except HySparKError as e:
+            raise RuntimeError(str(e)) from None
+        self._check_plans(meta)
+        self._check_channels(file_state)
+        report = transfer_report(self._network_module().state_dict(), file_state)
+        self.print_to_log_file(f"HySparK pre-trained weights {path} (method {meta.get('method', 'unknown')}):")
+        for line in format_report(report, meta):
+            self.print_to_log_file(line)
+        if report["missing"] or report["shape_mismatch"]:
+            raise RuntimeError(
+                f"the weights in {path} do not fit this network ({len(report['missing'])} missing, "
+                f"{len(report['shape_mismatch'])} of another shape; see the log). The plans' architecture "
+                f"(arch_kwargs) must match the pre-training's: {meta.get('architecture')}")
+        self._pretrained_encoder = {k: v for k, v in file_state.items() if k.startswith("encoder.")}
+
+    def _check_plans(self, meta: dict) -> None:
+        cm = self.configuration_manager
+        problems = plans_compatibility_problems(
+            meta, cm.spacing, cm.normalization_schemes,
+            self.plans_manager.plans.get("foreground_intensity_properties_per_channel"))
+        if not problems:
+            return
+        text = "; ".join(problems)
+        if meta.get("plans_check") == "warn" or os.environ.get(ALLOW_MISMATCH_ENV) == "1":
+            self.print_to_log_file(f"WARNING!!! pre-training and fine-tuning plans differ: {text}. "
+                                   f"Continuing (converted published checkpoint, or {ALLOW_MISMATCH_ENV}=1).")
+            return
+        raise RuntimeError(
+            f"refusing pre-trained weights whose plans differ from this dataset's: {text}. Preprocess the "
+            f"pre-training data with this dataset's plans (hyspark_plan_and_preprocess -d PRETRAIN_ID --plans-from "
+            f"THIS_ID), or set {ALLOW_MISMATCH_ENV}=1 to fine-tune anyway.")
+
+    def _check_channels(self, file_state: dict) -> None:
+        stem = file_state.get("encoder.embeddings.stem.weight")
+        if stem is not None and stem.shape[1] != self.num_input_channels:
+            raise RuntimeError(
+                f"the pre-trained stem takes {stem.shape[1]} input channel(s), this dataset has "
+                f"{self.num_input_channels}. Adapt the file first: hyspark_convert_checkpoint "
+                f"{self.pretrained_weights_file} OUT.pth --in-channels {self.num_input_channels}")
+
+    def _network_module(self) -> torch.nn.Module:
+        mod = self.network.module if self.is_ddp else self.network
+        return getattr(mod, "_orig_mod", mod)
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self._pretrained_encoder is None:
+            if self.pretrained_weights_file is None:
+                self.print_to_log_file("WARNING: nnUNetTrainerHySparKFinetune without -pretrained_weights: "
+                                       "training from scratch.")
+            return
+        state = self._network_module().state_dict()
+        same = all(torch.equal(state[k].cpu(), v) for k, v in self._pretrained_encoder.items())
+        self.print_to_log_file(f"pre-trained encoder {'verified in the network' if same else 'NOT LOADED'} "
+                               f"({len(self._pretrained_encoder)} tensors)")
+        if not same:
+            raise RuntimeError("the pre-trained encoder weights are not in the network after loading")
+        self._pretrained_encoder = None  # free the copy
+
+
+class nnUNetTrainerHySparKFinetune_demo(nnUNetTrainerHySparKFinetune):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _short_schedule(self, epochs=8, iterations=25, val_iterations=4)
+        self.initial_lr = 3e-3
+        self.warmup_epochs = 1
+
+
+class nnUNetTrainerHySparKFinetune_test(nnUNetTrainerHySparKFinetune):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _short_schedule(self, epochs=3, iterations=12, val_iterations=2)
+        self.initial_lr = 3e-3
+        self.warmup_epochs = 1
+
+
+class nnUNetTrainerHySparKFinetune_frozen_test(nnUNetTrainerHySparKFinetune_test):
+    """Encoder frozen (lr 0) for the first epoch, then trained."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.freeze_encoder_epochs = 1
