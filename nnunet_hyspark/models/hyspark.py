@@ -79,9 +79,10 @@ def unpatchify(p: torch.Tensor, channels: int, grid: Sequence[int], patch: int =
     return x.reshape(b, channels, gx * patch, gy * patch, gz * patch)
 
 
-def normalised_targets(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def normalised_targets(x: torch.Tensor, eps: float = 1e-6,
+                       patch: int = ENCODER_STRIDE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-patch normalised targets and the statistics used (mean, sqrt(unbiased var + eps))."""
-    target = patchify(x)
+    target = patchify(x, patch)
     mean = target.mean(dim=-1, keepdim=True)
     std = (target.var(dim=-1, keepdim=True, unbiased=True) + eps).sqrt()
     return (target - mean) / std, mean, std
