@@ -1,0 +1,276 @@
+"""MiMUNet: the MiM backbone under a Swin-UNETR-style decoder, as nnU-Net builds it from plans.
+
+Encoder: :class:`~nnunet_hyspark.models.mim.MiMBackbone` run densely (all tokens), plus a
+fifth stage ``Conv3d(384 -> 768, k2 s2)`` to 1/32. Stage outputs are layer-normed
+(channel LayerNorm; stage 4 uses the backbone's own pre-trained final LayerNorm): widths
+48 / 96 / 192 / 384 / 768 at 1/2 ... 1/32 with the defaults.
+
+Decoder (Swin-UNETR's, feature size 48): a residual conv block on the input (48 at full
+resolution) and on the stage 1-3 outputs, a residual block on the deepest output, then per
+scale a transposed conv (k2 s2) upsampling, concatenation with the skip (stage 4 is used
+as is, as Swin-UNETR does) and a residual block (:class:`~nnunet_hyspark.models.blocks.ResBlock`:
+conv k3 + InstanceNorm + LeakyReLU, twice, with a 1x1 shortcut). With the defaults this is
+exactly Swin-UNETR's decoder at feature size 48 on MiM's stage widths.
+
+The fifth stage halves 1/16 to 1/32, so patch axes must be multiples of 32 (the MiM plans,
+``hyspark_plan_and_preprocess --network mim``, produce such patches; MiM pre-training
+needs them anyway for its octant grouping). ``fifth_stage=False`` drops it for
+multiples of 16 (the deepest scale is then the ViT tokens).
+
+nnU-Net contract: constructor ``(input_channels, num_classes, **arch_kwargs)``;
+``arch_kwargs['strides']`` = ``[[1,1,1]] + [[2,2,2]] * 5`` (four with ``fifth_stage=False``),
+from which nnU-Net's trainer derives its deep-supervision scales; ``decoder.deep_supervision``
+toggles between the list of logits (full resolution first: 1, 1/2, 1/4, 1/8, 1/16) and a
+single tensor; heads live in ``decoder.seg_layers`` so ``-pretrained_weights`` skips them.
+No grid-sized tensors are stored (positions are fixed sin-cos), so one weights file serves
+every patch size.
+
+Weights files (:func:`export_mim_weights`): the full network state dict minus heads, the
+backbone pre-trained (``encoder.``) and everything else (fifth stage, stage norms, decoder)
+at a seeded initialisation; the fusion convs and the MAE decoder of pre-training are dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from nnunet_hyspark.errors import HySparKError
+from nnunet_hyspark.models.blocks import ChannelLayerNorm, ResBlock
+from nnunet_hyspark.models.mim import DEFAULT_CONV_DEPTHS, DEFAULT_WIDTHS, MiMBackbone
+
+NETWORK_CLASS_NAME = "nnunet_hyspark.models.mim_unet.MiMUNet"
+STEM_KEY = "encoder.downs.0.conv.weight"  # the first conv: its second axis is the number of input channels
+HEAD_KEY = ".seg_layers."
+DECODER_INIT_SEED = 0
+#: constructor arguments of MiMUNet that describe the architecture (stored in weights files)
+ARCH_KEYS = ("widths", "conv_depths", "vit_depth", "vit_heads", "vit_mlp_ratio", "fifth_stage", "fifth_width",
+             "feature_size")
+
+
+def strides_for(fifth_stage: bool = True) -> list[list[int]]:
+    """The plans' ``strides``: full resolution, then one 2x downsampling per encoder stage."""
+    return [[1, 1, 1]] + [[2, 2, 2]] * (5 if fifth_stage else 4)
+
+
+class UpStep(nn.Module):
+    """Swin-UNETR's up block: transposed conv k2 s2, concatenate the skip, residual block."""
+
+    def __init__(self, in_channels: int, out_channels: int, skip_channels: int):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(in_channels, out_channels, 2, stride=2)
+        self.block = ResBlock(out_channels + skip_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat([self.up(x), skip], dim=1))
+
+
+class MiMUNetDecoder(nn.Module):
+    """Skip blocks at scales 0-3, a block on the deepest map, one up step per scale, one head per output."""
+
+    def __init__(self, input_channels: int, stage_widths: Sequence[int], feature_size: int, num_classes: int,
+                 deep_supervision: bool = True):
+        super().__init__()
+        self.deep_supervision = deep_supervision
+        c = [feature_size, *stage_widths]  # channels per scale: full resolution, 1/2, 1/4, ...
+        self.skip_blocks = nn.ModuleList([ResBlock(input_channels, c[0])] + [ResBlock(c[k], c[k]) for k in (1, 2, 3)])
+        self.bottleneck = ResBlock(c[-1], c[-1])
+        deepest = len(c) - 1
+        # ups[0] goes from the deepest scale to the one above it; ups[-1] ends at full resolution
+        self.ups = nn.ModuleList(UpStep(c[k], c[k - 1], c[k - 1]) for k in range(deepest, 0, -1))
+        self.seg_layers = nn.ModuleList(nn.Conv3d(c[k - 1], num_classes, 1) for k in range(deepest, 0, -1))
+
+    def forward(self, x: torch.Tensor, stages: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        skips = [block(f) for block, f in zip(self.skip_blocks, [x, *stages[:3]])] + stages[3:-1]
+        h = self.bottleneck(stages[-1])
+        outputs = []
+        for up, skip, head in zip(self.ups, reversed(skips), self.seg_layers):
+            h = up(h, skip)
+            if self.deep_supervision:
+                outputs.append(head(h))
+        if not self.deep_supervision:
+            return self.seg_layers[-1](h)
+        return outputs[::-1]  # nnU-Net wants the full-resolution logits first
+
+
+class MiMUNet(nn.Module):
+    """The MiM fine-tuning network (see the module docstring)."""
+
+    def __init__(self, input_channels: int, num_classes: int, patch_size: Sequence[int] | None = None,
+                 widths: Sequence[int] = DEFAULT_WIDTHS, conv_depths: Sequence[int] = DEFAULT_CONV_DEPTHS,
+                 vit_depth: int = 11, vit_heads: int = 12, vit_mlp_ratio: float = 4.0, fifth_stage: bool = True,
+                 fifth_width: int | None = None, feature_size: int = 48, deep_supervision: bool = True,
+                 strides: Sequence | None = None):
+        super().__init__()
+        self.fifth_stage = bool(fifth_stage)
+        self.multiple = 32 if self.fifth_stage else 16
+        if patch_size is not None:
+            self.check_input(patch_size, "patch size")
+        self.patch_size = tuple(patch_size) if patch_size is not None else None
+        # plans carry the strides only because nnU-Net's trainer derives its deep-supervision scales from them
+        expected = strides_for(self.fifth_stage)
+        if strides is not None and [[int(s) for s in st] for st in strides] != expected:
+            raise ValueError(f"strides {strides} do not match MiMUNet's fixed strides {expected} (full resolution, "
+                             f"then {len(expected) - 1} 2x downsamplings); fix the plans")
+        self.strides = expected
+        self.encoder = MiMBackbone(input_channels, widths, conv_depths, vit_depth, vit_heads, vit_mlp_ratio)
+        w = list(self.encoder.widths)
+        self.stage_norms = nn.ModuleList(ChannelLayerNorm(c) for c in w[:3])
+        if self.fifth_stage:
+            fifth_width = int(fifth_width or 2 * w[3])
+            self.stage5 = nn.Conv3d(w[3], fifth_width, 2, stride=2)
+            self.stage5_norm = ChannelLayerNorm(fifth_width)
+            w.append(fifth_width)
+        self.decoder = MiMUNetDecoder(input_channels, w, feature_size, num_classes, deep_supervision)
+
+    def check_input(self, spatial_shape: Sequence[int], what: str = "input") -> None:
+        for axis, n in enumerate(spatial_shape):
+            if n % self.multiple or n <= 0:
+                hint = " (or use fifth_stage=False for multiples of 16)" if self.fifth_stage else ""
+                raise ValueError(f"{what} {tuple(int(s) for s in spatial_shape)}: axis {axis} has {n} voxels, not a "
+                                 f"positive multiple of {self.multiple} (MiMUNet downsamples by {self.multiple}){hint}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        self.check_input(x.shape[2:])
+        x1, x2, x3, x4 = self.encoder(x)  # x4: the backbone's normed ViT tokens
+        stages = [norm(f) for norm, f in zip(self.stage_norms, (x1, x2, x3))] + [x4]
+        if self.fifth_stage:
+            stages.append(self.stage5_norm(self.stage5(x4)))
+        return self.decoder(x, stages)
+
+
+# ============================================================================================ weights files
+
+
+def arch_config(encoder: MiMBackbone, finetune_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Constructor arguments of MiMUNet (besides the classes) for this backbone and the plan's other choices."""
+    cfg = {"in_channels": encoder.in_channels, **encoder.config()}
+    for k in ARCH_KEYS:
+        if finetune_kwargs and k in finetune_kwargs and k not in cfg:
+            v = finetune_kwargs[k]
+            cfg[k] = list(v) if isinstance(v, (list, tuple)) else v
+    return cfg
+
+
+def finetune_network(arch: Mapping[str, Any], num_classes: int = 1) -> MiMUNet:
+    return MiMUNet(arch["in_channels"], num_classes, **{k: arch[k] for k in ARCH_KEYS if k in arch})
+
+
+def network_weights(encoder_state: Mapping[str, torch.Tensor], arch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A full MiMUNet state dict minus heads: ``encoder_state`` plus a seeded initialisation of the rest (CPU)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DECODER_INIT_SEED)
+        net = finetune_network(arch)
+    net.encoder.load_state_dict(encoder_state)
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if HEAD_KEY not in k}
+
+
+def export_mim_weights(encoder: MiMBackbone, finetune_kwargs: Mapping[str, Any] | None, meta: dict[str, Any],
+                       path: str | os.PathLike) -> Path:
+    """Write the weights file ``nnUNetv2_train -pretrained_weights`` loads, and its JSON sidecar."""
+    from nnunet_hyspark.weights import save_weights_file
+
+    arch = arch_config(encoder, finetune_kwargs)
+    meta = {**meta, "architecture": arch, "network_class_name": NETWORK_CLASS_NAME, "pretrained_prefixes": ["encoder."],
+            "decoder": f"fifth stage, stage norms and decoder at a random initialisation (seed {DECODER_INIT_SEED}), "
+                       f"not pre-trained; MiM's fusion convs and MAE decoder are not part of the fine-tuning network"}
+    return save_weights_file(network_weights(encoder.state_dict(), arch), meta, path)
+
+
+def adapt_weights_channels(weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                           in_channels: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights for ``in_channels`` inputs: the pre-trained first conv repeated over the channels (scaled by
+    1/channels), the non-pre-trained parts re-initialised for that many channels."""
+    from nnunet_hyspark.weights import adapt_input_channels
+
+    arch = dict(meta.get("architecture") or {})
+    if not arch:
+        raise HySparKError("the weights file has no architecture metadata", "export it again with hyspark_pretrain")
+    encoder_state = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
+    key = STEM_KEY[len("encoder."):]
+    encoder_state[key] = adapt_input_channels(encoder_state[key], in_channels)
+    arch["in_channels"] = in_channels
+    return network_weights(encoder_state, arch), {**meta, "architecture": arch,
+                                                  "adapted_input_channels": in_channels}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m nnunet_hyspark.models.mim_unet IN OUT --in-channels N``: adapt a MiM weights file."""
+    from nnunet_hyspark.weights import load_weights_file, save_weights_file
+
+    p = argparse.ArgumentParser(prog="python -m nnunet_hyspark.models.mim_unet",
+                                description="Adapt a MiM weights file to another number of input channels.")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--in-channels", type=int, required=True)
+    args = p.parse_args(argv)
+    weights, meta = load_weights_file(args.input)
+    weights, meta = adapt_weights_channels(weights, meta, args.in_channels)
+    print(f"wrote {save_weights_file(weights, meta, args.output)}")
+
+
+# ============================================================================================ memory (planner)
+
+
+def count_parameters(input_channels: int = 1, num_classes: int = 2, **arch) -> int:
+    """Exact parameter count, from a network built on the meta device (no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        net = MiMUNet(input_channels, num_classes, **{k: v for k, v in arch.items() if k in ARCH_KEYS})
+    return sum(p.numel() for p in net.parameters())
+
+
+def activation_bytes_per_sample(patch_size: Sequence[int], input_channels: int = 1, num_classes: int = 2,
+                                widths: Sequence[int] = DEFAULT_WIDTHS, conv_depths: Sequence[int] = DEFAULT_CONV_DEPTHS,
+                                vit_depth: int = 11, vit_heads: int = 12, vit_mlp_ratio: float = 4.0,
+                                fifth_stage: bool = True, fifth_width: int | None = None, feature_size: int = 48,
+                                **_) -> float:
+    """Bytes autograd keeps for one sample under autocast: a per-voxel count per layer, like
+    :mod:`nnunet_hyspark.memory` does for HySparKUNet but coarser (2 bytes per fp16 tensor, 4 per fp32
+    norm input/output; ~22C + 4rC per conv block, 10C per down conv, ViT ``22D + 4mD + 4hL`` per token,
+    ~28C per residual block, 16K + 10 per head with nnU-Net's loss)."""
+    w = list(widths)
+    scales = 6 if fifth_stage else 5
+    n = [math.prod(int(s) // 2 ** k for s in patch_size) for k in range(scales)]
+    c = [feature_size, *w] + ([int(fifth_width or 2 * w[3])] if fifth_stage else [])
+    total = n[0] * 6 * input_channels
+    for i in range(3):  # conv stages at 1/2, 1/4, 1/8 and their output norms
+        total += n[i + 1] * (10 * w[i] + conv_depths[i] * (22 * w[i] + 4 * 4 * w[i]) + 8 * w[i])
+    d, tokens = w[3], n[4]
+    total += tokens * (10 * d + vit_depth * (22 * d + 4 * vit_mlp_ratio * d + 4 * vit_heads * tokens) + 8 * d)
+    if fifth_stage:
+        total += n[5] * 10 * c[5]
+    for k in range(4):  # skip residual blocks (their input is kept too)
+        total += n[k] * (28 * c[k] + 2 * (input_channels if k == 0 else c[k]))
+    total += n[scales - 1] * 30 * c[scales - 1]  # bottleneck block
+    for k in range(scales - 1, 0, -1):  # up step to scale k - 1: up conv, concat, residual block, head + loss
+        total += n[k - 1] * (2 * c[k - 1] + 4 * c[k - 1] + 28 * c[k - 1] + 16 * num_classes + 10)
+    return float(total)
+
+
+def estimate_training_memory(patch_size: Sequence[int], batch_size: int, input_channels: int = 1,
+                             num_classes: int = 2, **arch):
+    """A :class:`nnunet_hyspark.memory.MemoryEstimate` for MiMUNet (AdamW, autocast, deep supervision)."""
+    from nnunet_hyspark.memory import BYTES_PER_PARAMETER, GB, OVERHEAD_GB, MemoryEstimate
+
+    params = count_parameters(input_channels, num_classes, **arch)
+    act = activation_bytes_per_sample(patch_size, input_channels, num_classes, **arch)
+    return MemoryEstimate(activations_per_sample=act, batch_size=int(batch_size), parameters=params,
+                          parameter_state=float(BYTES_PER_PARAMETER * params), overhead=OVERHEAD_GB * GB)
+
+
+def max_batch_size(patch_size: Sequence[int], target_gb: float, **kwargs) -> int:
+    """Largest batch size whose estimate stays within ``target_gb`` (0 if not even one sample fits)."""
+    from nnunet_hyspark.memory import GB
+
+    one = estimate_training_memory(patch_size, 1, **kwargs)
+    free = target_gb * GB - one.overhead - one.parameter_state
+    return max(0, int(free // (one.fragmentation * one.activations_per_sample)))
+
+
+if __name__ == "__main__":
+    main()
