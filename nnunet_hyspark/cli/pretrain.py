@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-iterations", type=int, default=LOOP_DEFAULTS["val_iterations"],
                    help="validation batches per epoch, from held-out cases")
     p.add_argument("-b", "--batch-size", type=int, default=None, help="per process; default: the plan's")
-    p.add_argument("--patch-size", type=int, nargs=3, default=None, help="default: the plan's patch size")
+    p.add_argument("--patch-size", type=int, nargs=3, default=None,
+                   help="default: the plan's patch size (MiM: the level patch; it reads crops of twice that)")
     p.add_argument("--mask-ratio", type=float, default=LOOP_DEFAULTS["mask_ratio"])
     p.add_argument("--lr", type=float, default=LOOP_DEFAULTS["lr"], help="peak learning rate")
     p.add_argument("--warmup-fraction", type=float, default=LOOP_DEFAULTS["warmup_fraction"])
@@ -123,9 +124,14 @@ def run(args: argparse.Namespace) -> Path | None:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     dataset_ids = [_dataset_id(d) for d in args.datasets]
+    method = _methods()[args.method]
+    patch_size = tuple(args.patch_size) if args.patch_size else None
+    if method.crop_scale != 1:  # e.g. MiM cuts its levels from crops of 2 x the network's patch
+        patch_size = tuple(method.crop_scale * p for p in
+                           (patch_size or _plan_patch_size(dataset_ids[0], args.plans, args.configuration)))
     data_cfg = PretrainDataConfig(
         dataset_ids=dataset_ids, configuration=args.configuration, plans_identifier=args.plans,
-        patch_size=tuple(args.patch_size) if args.patch_size else None, batch_size=args.batch_size,
+        patch_size=patch_size, batch_size=args.batch_size,
         val_fraction=args.val_fraction, num_val_batches=args.val_iterations, num_workers=args.num_workers,
         seed=args.seed,
         rank=dist.rank, world_size=dist.world_size)
@@ -135,8 +141,7 @@ def run(args: argparse.Namespace) -> Path | None:
                                                                     args.plans, args.configuration)
         resume = check_output_folder(output, args.continue_training, args.force)
         torch.manual_seed(args.seed + dist.rank)  # different masks on every rank
-        method = _methods()[args.method]
-        model = method.build(plan_arch_kwargs(info["datasets"][0], args.plans, args.configuration),
+        model = method.build(plan_arch_kwargs(info["datasets"][0], args.plans, args.configuration, method.network),
                              info["num_input_channels"], args)
         if args.init_from:
             weights, meta = load_weights_file(args.init_from)
@@ -165,7 +170,7 @@ def run(args: argparse.Namespace) -> Path | None:
         weights_path = trainer.run(resume_from=resume)
         if weights_path is not None:
             print(f"encoder weights: {weights_path}")
-            print(f"fine-tune with: nnUNetv2_train DATASET {args.configuration} FOLD -tr nnUNetTrainerHySparKFinetune "
+            print(f"fine-tune with: nnUNetv2_train DATASET {args.configuration} FOLD -tr {method.finetune_trainer} "
                   f"-p {args.plans} -pretrained_weights {weights_path}")
         return weights_path
     finally:
@@ -173,16 +178,27 @@ def run(args: argparse.Namespace) -> Path | None:
         dist.close()
 
 
-def plan_arch_kwargs(dataset_name: str, plans: str, configuration: str) -> dict:
+def plan_arch_kwargs(dataset_name: str, plans: str, configuration: str, network: str = "HySparKUNet") -> dict:
     """The network arguments of a configuration (inheritance resolved by nnU-Net's PlansManager)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans_file = Path(os.environ["nnUNet_preprocessed"]) / dataset_name / f"{plans}.json"
     cm = PlansManager(str(plans_file)).get_configuration(configuration)
-    if not cm.network_arch_class_name.endswith("HySparKUNet"):
+    if not cm.network_arch_class_name.endswith(network):
         raise HySparKError(f"{plans_file} configuration {configuration} uses {cm.network_arch_class_name}, "
-                           "not the hybrid network", "plan the dataset with hyspark_plan_and_preprocess")
+                           f"not {network}", "plan the dataset with hyspark_plan_and_preprocess (MiM: --network mim, "
+                           "then -p nnUNetMiMPlans)")
     return dict(cm.network_arch_init_kwargs)
+
+
+def _plan_patch_size(dataset_id: int, plans: str, configuration: str) -> tuple[int, ...]:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_file = Path(os.environ["nnUNet_preprocessed"]) / maybe_convert_to_dataset_name(dataset_id) / f"{plans}.json"
+    if not plans_file.is_file():
+        raise HySparKError(f"no plans {plans_file}", "plan the dataset with hyspark_plan_and_preprocess")
+    return tuple(int(p) for p in PlansManager(str(plans_file)).get_configuration(configuration).patch_size)
 
 
 def _close(*iterators) -> None:

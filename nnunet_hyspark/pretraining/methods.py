@@ -24,6 +24,9 @@ class Method:
     validation_loss: Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
     preview: Callable[[nn.Module, torch.Tensor, torch.Generator], dict[str, dict[str, torch.Tensor]]]
     export: Callable[[nn.Module, dict[str, Any], Path], Path]
+    crop_scale: int = 1  # crops of crop_scale x the plan's (or --patch-size) patch per axis (MiM: 2)
+    network: str = "HySparKUNet"  # the plans' network class (suffix of network_class_name) it pre-trains for
+    finetune_trainer: str = "nnUNetTrainerHySparKFinetune"
 
 
 def hybrid_encoder_from_arch(arch_kwargs: Mapping[str, Any], in_channels: int) -> HybridEncoder:
@@ -51,6 +54,42 @@ def _hyspark_export(model: HySparK, meta: dict[str, Any], path: Path) -> Path:
     return export_encoder(model.encoder, meta, path)
 
 
+def _build_mim(arch_kwargs: Mapping[str, Any], in_channels: int, args: argparse.Namespace) -> nn.Module:
+    """MiM with the paper's level settings (nnunet_hyspark.models.mim); ``--decoder-width`` is honoured."""
+    from nnunet_hyspark.models.mim import MiM, MiMBackbone
+
+    keys = ("widths", "conv_depths", "vit_depth", "vit_heads", "vit_mlp_ratio")
+    encoder = MiMBackbone(in_channels, **{k: arch_kwargs[k] for k in keys if k in arch_kwargs})
+    model = MiM(encoder, decoder_width=getattr(args, "decoder_width", None))
+    model.finetune_kwargs = dict(arch_kwargs)  # what export needs to write the plan's MiMUNet
+    return model
+
+
+def _mim_validation_loss(model: nn.Module, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return model(batch, generator=gen)["loss"]
+
+
+def _mim_preview(model: nn.Module, batch: torch.Tensor, gen: torch.Generator) -> dict:
+    """One panel per level, each showing the first volume of that level."""
+    levels = model(batch, generator=gen)["levels"]
+    return {name: model.reconstruct(levels[name]["volume"][:1], levels[name]["pred"][:1], levels[name]["mask"][:1])
+            for name in model.LEVELS}
+
+
+def _mim_export(model: nn.Module, meta: dict[str, Any], path: Path) -> Path:
+    from nnunet_hyspark.mim_levels import CROP_SCALE
+    from nnunet_hyspark.models.mim_unet import export_mim_weights
+
+    meta = {**meta, "mim": model.config()}
+    meta.pop("mask_ratio", None)  # MiM has one per level (in meta["mim"])
+    if meta.get("patch_size"):  # the loader's patch is the crop; the networks see the level patch
+        meta["crop_size"] = list(meta["patch_size"])
+        meta["patch_size"] = [p // CROP_SCALE for p in meta["patch_size"]]
+    return export_mim_weights(model.encoder, getattr(model, "finetune_kwargs", None), meta, path)
+
+
 METHODS: dict[str, Method] = {
     "hyspark": Method("hyspark", _build_hyspark, _hyspark_validation_loss, _hyspark_preview, _hyspark_export),
+    "mim": Method("mim", _build_mim, _mim_validation_loss, _mim_preview, _mim_export, crop_scale=2,
+                  network="MiMUNet", finetune_trainer="nnUNetTrainerMiMFinetune"),
 }
