@@ -1,0 +1,69 @@
+"""Execution backends for the masked (submanifold-sparse) CNN part of the hybrid encoder.
+
+A backend is a callable ``(embeddings, x, mask) -> [x1, x2, x3, x4, h5]`` taking the
+``CNNEmbeddings`` module, the input ``(B, C, X, Y, Z)`` and the cell mask
+``(B, gx, gy, gz)`` (True = kept). It returns DENSE maps with the same shapes and,
+within float tolerance, the same values and gradients as the ``dense`` reference
+(dense operator, then multiply by the mask), which lives in ``CNNEmbeddings.forward``.
+
+Backends:
+
+* ``dense``  - the reference (handled by ``run_masked_cnn`` itself; listed here for completeness).
+* ``blocks`` - this project's block-sparse execution on kept 16^3 cells (any device).
+* ``spconv`` - spconv submanifold convolutions; CUDA only, needs the optional ``spconv``
+  package; imported only when requested. Untested in this repository's CI (no GPU).
+
+Use ``HybridEncoder.forward(x, mask, backend=name)``; ``get_backend(name)`` returns the callable.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+BACKENDS = ("dense", "blocks", "spconv")
+
+Backend = Callable[..., list]
+
+
+def _dense(embeddings, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    from nnunet_hyspark.masking import masks_per_scale
+
+    return embeddings(x, masks_per_scale(mask.to(x.device)))
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends usable on ``device`` (default: CUDA when available, else CPU), ``dense`` first."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = ["dense", "blocks"]
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        from nnunet_hyspark.sparse.spconv_backend import spconv_available
+
+        if spconv_available():
+            names.append("spconv")
+    return names
+
+
+def get_backend(name: str, **options) -> Backend:
+    """The backend callable for ``name``; ``options`` go to its constructor (e.g. ``dense_from_scale``).
+
+    Raises ValueError for an unknown name (listing the choices) and RuntimeError when ``spconv``
+    cannot run here (no CUDA device, or the package is missing).
+    """
+    if name == "dense":
+        if options:
+            raise ValueError(f"the dense backend takes no options, got {sorted(options)}")
+        return _dense
+    if name == "blocks":
+        from nnunet_hyspark.sparse.blocks import BlockSparseBackend
+
+        return BlockSparseBackend(**options)
+    if name == "spconv":
+        if not torch.cuda.is_available():
+            raise RuntimeError("the spconv backend needs a CUDA GPU (spconv has no CPU kernels for training); "
+                               "on CPU use backend 'blocks' (same numbers) or 'dense'")
+        from nnunet_hyspark.sparse.spconv_backend import SpconvBackend
+
+        return SpconvBackend(**options)
+    raise ValueError(f"unknown sparse backend {name!r}; choose one of {', '.join(BACKENDS)}")
