@@ -1,0 +1,139 @@
+"""HySparK pre-training semantics: masks, submanifold masking, kept-token ViT, loss, optimisation."""
+import pytest
+import torch
+
+from nnunet_hyspark.masking import kept_token_indices, masks_per_scale, random_cell_mask
+from nnunet_hyspark.models.encoder import HybridEncoder
+from nnunet_hyspark.models.hyspark import HySparK, masked_patch_loss, normalised_targets, patchify, unpatchify
+
+TINY = dict(widths=(8, 16, 16, 24, 24), depths=(1, 2, 1, 1, 1), expansions=(2, 2, 2, 2, 2), vit_depth=1,
+            vit_heads=2)
+
+
+def tiny_model(**kw) -> HySparK:
+    torch.manual_seed(0)
+    return HySparK(HybridEncoder(1, **TINY), decoder_width=32, **kw)
+
+
+def smooth_volumes(n: int, shape=(32, 32, 32), seed: int = 0) -> torch.Tensor:
+    """Trilinear ramps between random values on the 1/16 grid: each patch's normalised content is
+    predictable from its neighbours, so masked modelling can learn it in a few dozen steps."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, *(max(2, s // 16) for s in shape), generator=g)
+    return torch.nn.functional.interpolate(x, size=shape, mode="trilinear", align_corners=True)
+
+
+def test_mask_keeps_the_same_count_per_sample_and_differs_between_samples():
+    m = random_cell_mask(3, (2, 3, 4), 0.75, torch.Generator().manual_seed(0))
+    assert m.shape == (3, 2, 3, 4)
+    assert m.flatten(1).sum(1).tolist() == [6, 6, 6]  # round(24 * 0.25)
+    assert not torch.equal(m[0], m[1])
+    idx = kept_token_indices(m)
+    assert idx.shape == (3, 6) and bool((idx.diff(dim=1) > 0).all())  # original order
+    up = masks_per_scale(m)
+    assert [t.shape[2:] for t in up] == [(32, 48, 64), (16, 24, 32), (8, 12, 16), (4, 6, 8), (2, 3, 4)]
+
+
+def test_patchify_roundtrip():
+    x = torch.randn(2, 3, 32, 16, 48)
+    p = patchify(x)
+    assert p.shape == (2, 2 * 1 * 3, 3 * 16**3)
+    assert torch.equal(unpatchify(p, 3, (2, 1, 3)), x)
+
+
+def test_loss_near_one_at_initialisation():
+    model = tiny_model()
+    with torch.no_grad():
+        loss = model(torch.randn(2, 1, 32, 32, 48))["loss"].item()
+    assert 0.9 < loss < 1.1
+
+
+def test_only_masked_patches_contribute_to_the_loss():
+    x = torch.randn(1, 1, 32, 32, 32)
+    mask = torch.zeros(1, 2, 2, 2, dtype=torch.bool)
+    mask[0, 0, 0, 0] = mask[0, 1, 1, 1] = True
+    target, _, _ = normalised_targets(x)
+    pred = unpatchify(target.clone(), 1, (2, 2, 2))  # perfect everywhere ...
+    assert masked_patch_loss(pred, x, mask).item() < 1e-8
+    p = patchify(pred)
+    p[0, 0] += 5.0  # ... then ruin a kept patch: no effect
+    assert masked_patch_loss(unpatchify(p, 1, (2, 2, 2)), x, mask).item() < 1e-8
+    p[0, 1] += 1.0  # ... ruin a masked patch: 1/6 of the masked patches have error 1
+    assert abs(masked_patch_loss(unpatchify(p, 1, (2, 2, 2)), x, mask).item() - 1 / 6) < 1e-5
+
+
+def test_submanifold_masking_kept_features_ignore_masked_input():
+    enc = HybridEncoder(1, **TINY)
+    x = torch.randn(3, 1, 32, 48, 32)
+    mask = random_cell_mask(3, (2, 3, 2), 0.5, torch.Generator().manual_seed(1))
+    feats = enc(x, mask)
+    scales = masks_per_scale(mask)
+    x2 = x + 10 * torch.randn_like(x) * (1 - scales[0])  # change only masked voxels
+    feats2 = enc(x2, mask)
+    for s, (a, b) in enumerate(zip(feats, feats2)):
+        m = scales[s]
+        assert torch.allclose(a, b, atol=1e-5), f"scale {s} kept outputs depend on masked input"
+        assert float((a * (1 - m)).abs().max()) == 0.0, f"scale {s} has non-zero outputs at masked positions"
+
+
+def test_batch_of_three_equals_samples_run_one_by_one():
+    """Per-sample masks in a batch: each sample's result is what it gets alone (no cross-talk)."""
+    enc = HybridEncoder(1, **TINY).eval()
+    x = torch.randn(3, 1, 32, 32, 32)
+    mask = random_cell_mask(3, (2, 2, 2), 0.75, torch.Generator().manual_seed(2))
+    assert len({tuple(m.flatten().tolist()) for m in mask}) > 1
+    batched = enc(x, mask)
+    for i in range(3):
+        alone = enc(x[i:i + 1], mask[i:i + 1])
+        for a, b in zip(batched, alone):
+            assert torch.allclose(a[i:i + 1], b, atol=1e-5)
+
+
+def test_zero_mask_ratio_equals_the_dense_encoder():
+    enc = HybridEncoder(1, **TINY)
+    x = torch.randn(2, 1, 32, 32, 32)
+    full = torch.ones(2, 2, 2, 2, dtype=torch.bool)
+    for a, b in zip(enc(x), enc(x, full)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_loss_decreases_over_a_few_dozen_steps():
+    model = tiny_model()
+    x = smooth_volumes(2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    fixed_masks = [model.random_mask(x, gen) for _ in range(4)]
+    with torch.no_grad():
+        before = sum(model(x, m)["loss"].item() for m in fixed_masks) / 4
+    for _ in range(40):
+        loss = model(x)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # still in train mode: BatchNorm uses batch statistics, as during the steps
+        after = sum(model(x, m)["loss"].item() for m in fixed_masks) / 4
+    assert after < 0.8 * before, (before, after)
+
+
+def test_reference_decoder_leaves_full_resolution_skip_unused_unless_asked():
+    x = smooth_volumes(2, (32, 32, 32))
+    for fuse, expect_grad in ((False, False), (True, True)):
+        model = tiny_model(fuse_full_resolution=fuse)
+        model(x)["loss"].backward()
+        grad = model.densify_proj[4].weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == expect_grad
+
+
+def test_reconstruction_preview_keeps_visible_patches():
+    model = tiny_model()
+    x = smooth_volumes(1, (32, 32, 32))
+    out = model(x)
+    imgs = model.reconstruct(x, out["pred"], out["mask"])
+    keep = masks_per_scale(out["mask"])[0]
+    assert torch.allclose(imgs["reconstruction"] * keep, x * keep, atol=1e-5)
+    assert torch.equal(imgs["masked"], x * keep)
+
+
+def test_invalid_mask_ratio_is_rejected():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        random_cell_mask(1, (2, 2, 2), 1.0)
