@@ -1,0 +1,300 @@
+"""Hi-End-MAE: a plain-ViT masked autoencoder whose decoder queries several encoder depths.
+
+Read top to bottom, this file is the whole method (design doc ``mim_and_hiend_mae.md``):
+
+1. :class:`ViTEncoder`: patch embedding by a strided Conv3d (kernel = stride = the ViT patch,
+   12 by default), a class token (zero position), fixed 3D sin-cos positions rebuilt for the
+   actual token grid (any patch whose axes are multiples of the ViT patch), pre-norm blocks
+   (qkv bias, LayerNorm eps 1e-6). It returns the outputs of the tapped blocks (4, 7, 10,
+   1-based) and the final normed output. The same module is the encoder of the fine-tuning
+   network :class:`~nnunet_hyspark.models.unetr.HiEndUNETR`.
+2. masking: per sample a uniform random 75 % of the tokens is dropped (MAE); the project's
+   mask convention (:mod:`nnunet_hyspark.masking`: True = kept).
+3. :class:`HierarchicalDecoder`, the encoder-driven hierarchical dense decoder: Linear
+   projections of the tapped layers and of the final output to the decoder width; queries =
+   projected final output (class token + kept tokens) with mask tokens at the masked positions
+   (original order), plus decoder sin-cos positions; 2 self-attention blocks; one
+   cross-attention block per tapped layer, deepest first (self-attention -> cross-attention with
+   keys/values from the projected layer 10, then 7, then 4 -> MLP); LayerNorm; Linear to the
+   ``patch^3 * C`` voxels of a patch.
+4. loss: MSE against per-patch normalised targets, averaged over MASKED patches only.
+
+Recipe (see :data:`RECIPE`): AdamW lr 1e-4, betas (0.9, 0.95), weight decay 0.05 constant with
+NO decay on biases, norm weights and tokens (the published code meant to exempt them but decays
+everything; the project's :func:`nnunet_hyspark.optim.decay_groups` exempts them), warm-up over
+the first 1 % of the run (10 of 1000 epochs), then cosine.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_hyspark.errors import HySparKError
+from nnunet_hyspark.masking import kept_token_indices, random_cell_mask, upsample_mask
+from nnunet_hyspark.models.blocks import Attention, Mlp, TransformerBlock, init_vit_weights
+from nnunet_hyspark.models.hyspark import normalised_targets, patchify, unpatchify
+from nnunet_hyspark.models.pos_embed import sincos_3d
+
+DEFAULT_VIT_PATCH = 12
+DEFAULT_TAPS = (4, 7, 10)  # 1-based encoder blocks whose outputs the decoder (and the UNETR skips) read
+LN_EPS = 1e-6
+
+#: Encoder presets (the plans carry the expanded values) and the pre-training decoder of each.
+VIT_CONFIGS: dict[str, dict[str, Any]] = {
+    "base": {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0, "taps": [4, 7, 10]},
+    "large": {"embed_dim": 1536, "depth": 12, "num_heads": 16, "mlp_ratio": 4.0, "taps": [4, 7, 10]},
+    "tiny": {"embed_dim": 48, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0, "taps": [1, 2, 3]},  # tests, CPU demos
+}
+#: Pre-training decoder (width, heads) per encoder width; the decoder heads are not given by the paper.
+DECODER_CONFIGS: dict[int, tuple[int, int]] = {768: (384, 12), 1536: (528, 16), 48: (24, 2)}
+SELF_ATTENTION_BLOCKS = 2
+
+#: Hi-End-MAE's optimisation recipe, as defaults of ``hyspark_pretrain --method hiend_mae``.
+RECIPE: dict[str, Any] = {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": (0.05, 0.05), "warmup_fraction": 0.01,
+                          "clip_grad": 0.0, "mask_ratio": 0.75}
+
+
+def decoder_config(embed_dim: int, num_heads: int) -> tuple[int, int]:
+    """(width, heads) of the pre-training decoder: the preset's, else half the width (multiple of 6)."""
+    if embed_dim in DECODER_CONFIGS:
+        return DECODER_CONFIGS[embed_dim]
+    width = max(6, embed_dim // 12 * 6)
+    heads = next(h for h in range(min(num_heads, width), 0, -1) if width % h == 0)
+    return width, heads
+
+
+def token_grid(spatial_shape: Sequence[int], vit_patch: int, what: str = "patch size") -> tuple[int, ...]:
+    """The token grid of an input; a clear error naming the axis that is not a multiple of the ViT patch."""
+    for axis, n in enumerate(spatial_shape):
+        if n <= 0 or n % vit_patch:
+            lo = max(vit_patch, n // vit_patch * vit_patch)
+            raise HySparKError(
+                f"{what} {list(spatial_shape)}: axis {axis} has {n} voxels, not a multiple of the ViT patch {vit_patch}",
+                f"use e.g. {lo} or {lo + vit_patch} on axis {axis} (plan with hyspark_plan_and_preprocess "
+                f"--network hiend_mae --vit-patch {vit_patch})")
+    return tuple(int(n) // vit_patch for n in spatial_shape)
+
+
+# ----------------------------------------------------------------------------------------------- encoder
+
+
+class ViTEncoder(nn.Module):
+    """Plain 3D ViT. ``forward(x, keep_idx)`` -> [tapped block outputs..., final normed], each (B, 1 + K, D)."""
+
+    def __init__(self, in_channels: int = 1, vit_patch: int = DEFAULT_VIT_PATCH, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, taps: Sequence[int] = DEFAULT_TAPS):
+        super().__init__()
+        taps = tuple(int(t) for t in taps)
+        if list(taps) != sorted(set(taps)) or not taps or taps[0] < 1 or taps[-1] > depth:
+            raise ValueError(f"taps {list(taps)} must be increasing 1-based block numbers within 1..{depth}")
+        if embed_dim % 6:
+            raise ValueError(f"ViT width {embed_dim} must be divisible by 6 (3D sin-cos positions)")
+        self.in_channels, self.vit_patch, self.embed_dim, self.taps = in_channels, vit_patch, embed_dim, taps
+        self.patch_embed = nn.Conv3d(in_channels, embed_dim, vit_patch, stride=vit_patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.blocks = nn.ModuleList(TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=True, eps=LN_EPS)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self._pos_cache: dict = {}
+        # MAE's initialisation: patch embedding like a Linear, class token N(0, 0.02), Xavier linears
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(embed_dim, -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.blocks.apply(init_vit_weights)
+
+    def grid(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        return token_grid(spatial_shape, self.vit_patch, "input")
+
+    def pos_embed(self, grid: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(1, L, D) fixed sin-cos positions of the token grid (the class token's position is zero)."""
+        key = (tuple(grid), device, dtype)
+        if key not in self._pos_cache:
+            self._pos_cache = {key: sincos_3d(self.embed_dim, grid)[None].to(device=device, dtype=dtype)}
+        return self._pos_cache[key]
+
+    def forward(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``keep_idx`` (B, K): flat indices of the tokens to encode (all tokens when None)."""
+        grid = self.grid(x.shape[2:])
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, L, D), row-major grid order
+        tokens = tokens + self.pos_embed(grid, tokens.device, tokens.dtype)
+        if keep_idx is not None:
+            tokens = torch.gather(tokens, 1, keep_idx[..., None].expand(-1, -1, tokens.shape[-1]))
+        h = torch.cat([self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        outputs = []
+        for i, block in enumerate(self.blocks, start=1):
+            h = block(h)
+            if i in self.taps:
+                outputs.append(h)
+        return outputs + [self.norm(h)]
+
+
+# ----------------------------------------------------------------------------------------------- decoder
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries ``x`` over keys/values from ``memory``."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"decoder width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(b, n, h, c // h).transpose(1, 2)
+        kv = self.kv(memory).reshape(b, memory.shape[1], 2, h, c // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1])
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class CrossAttentionBlock(nn.Module):
+    """x + SelfAttn(LN x); x + CrossAttn(LN x, LN memory); x + MLP(LN x)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.self_attn = Attention(dim, num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm_memory = nn.LayerNorm(dim, eps=LN_EPS)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm3 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), self.norm_memory(memory))
+        return x + self.mlp(self.norm3(x))
+
+
+class HierarchicalDecoder(nn.Module):
+    """Encoder-driven hierarchical dense decoder (see the module docstring, step 3)."""
+
+    def __init__(self, embed_dim: int, num_taps: int, out_voxels: int, width: int = 384, num_heads: int = 12,
+                 self_blocks: int = SELF_ATTENTION_BLOCKS, mlp_ratio: float = 4.0):
+        super().__init__()
+        if width % 6:
+            raise ValueError(f"decoder width {width} must be divisible by 6 (3D sin-cos positions)")
+        self.width = width
+        # proj[i] for tapped layer i (shallowest first); proj[-1] for the final normed output
+        self.proj = nn.ModuleList(nn.Linear(embed_dim, width) for _ in range(num_taps + 1))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.self_blocks = nn.ModuleList(TransformerBlock(width, num_heads, mlp_ratio, eps=LN_EPS)
+                                         for _ in range(self_blocks))
+        # cross_blocks[j] attends to the tapped layers deepest first (layer 10, then 7, then 4)
+        self.cross_blocks = nn.ModuleList(CrossAttentionBlock(width, num_heads, mlp_ratio) for _ in range(num_taps))
+        self.norm = nn.LayerNorm(width, eps=LN_EPS)
+        self.pred = nn.Linear(width, out_voxels)
+        self.apply(init_vit_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, feats: list[torch.Tensor], keep_idx: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """``feats`` = encoder outputs (cls + K kept tokens each) -> (B, L, out_voxels), one row per grid cell."""
+        *taps, final = feats
+        kept = self.proj[-1](final)  # (B, 1 + K, W)
+        b, num_cells = kept.shape[0], int(torch.tensor(grid).prod())
+        queries = self.mask_token.to(kept.dtype).expand(b, num_cells, -1).clone()
+        queries.scatter_(1, keep_idx[..., None].expand(-1, -1, self.width), kept[:, 1:])  # restore the order
+        queries = torch.cat([kept[:, :1], queries], dim=1)  # class token first
+        pos = sincos_3d(self.width, grid).to(device=kept.device, dtype=kept.dtype)
+        h = queries + F.pad(pos, (0, 0, 1, 0))[None]  # zero position for the class token
+        for block in self.self_blocks:
+            h = block(h)
+        for block, layer, proj in zip(self.cross_blocks, reversed(taps), reversed(self.proj[:-1])):
+            h = block(h, proj(layer))
+        return self.pred(self.norm(h))[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def masked_patch_mse(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """MSE of predicted rows against per-patch normalised targets, over masked cells (mask False) only."""
+    target, _, _ = normalised_targets(x, patch=patch)
+    per_patch = (pred - target).pow(2).mean(dim=-1)  # (B, L)
+    masked = (~mask.flatten(1)).to(per_patch.dtype)
+    return (per_patch * masked).sum() / masked.sum().clamp_min(1.0)
+
+
+class HiEndMAE(nn.Module):
+    """The pre-training model: a :class:`ViTEncoder` on kept tokens and the hierarchical decoder."""
+
+    def __init__(self, encoder: ViTEncoder, mask_ratio: float = 0.75, decoder_width: int | None = None,
+                 decoder_heads: int | None = None, arch: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.patch = encoder.vit_patch
+        width, heads = decoder_config(encoder.embed_dim, encoder.blocks[0].attn.num_heads)
+        self.decoder = HierarchicalDecoder(encoder.embed_dim, len(encoder.taps),
+                                           self.patch ** 3 * encoder.in_channels,
+                                           decoder_width or width, decoder_heads or heads)
+        self.arch = dict(arch or {})  # the fine-tuning network's arch_kwargs (for export)
+
+    def random_mask(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, gx, gy, gz) bool, True = kept; the same number of kept tokens in every sample."""
+        return random_cell_mask(x.shape[0], self.encoder.grid(x.shape[2:]), self.mask_ratio, generator, x.device)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Returns ``loss``, ``pred`` (B, L, patch^3 * C; normalised-patch space) and the ``mask`` used."""
+        if mask is None:
+            mask = self.random_mask(x)
+        keep_idx = kept_token_indices(mask)
+        feats = self.encoder(x, keep_idx)
+        pred = self.decoder(feats, keep_idx, mask.shape[1:])
+        return {"loss": masked_patch_mse(pred.float(), x.float(), mask, self.patch), "pred": pred, "mask": mask}
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Preview images: input, masked input, reconstruction (predicted patches de-normalised with the
+        target's own statistics, kept patches from the input, as MAE visualises)."""
+        x = x.float()
+        _, mean, std = normalised_targets(x, patch=self.patch)
+        keep = mask.flatten(1)[..., None].to(x.dtype)
+        full = pred.float() * std + mean
+        recon = unpatchify(full * (1 - keep) + patchify(x, self.patch) * keep, x.shape[1], mask.shape[1:], self.patch)
+        return {"input": x, "masked": x * upsample_mask(mask, self.patch), "reconstruction": recon}
+
+
+# ----------------------------------------------------------------------------------------------- method hooks
+
+
+def encoder_kwargs(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """ViTEncoder arguments from a plan's ``arch_kwargs`` (HiEndUNETR's)."""
+    keys = ("vit_patch", "embed_dim", "depth", "num_heads", "mlp_ratio", "taps")
+    return {k: arch[k] for k in keys if k in arch}
+
+
+def build(arch_kwargs: Mapping[str, Any], in_channels: int, args: argparse.Namespace) -> HiEndMAE:
+    """``hyspark_pretrain --method hiend_mae``: the model for a plan's HiEndUNETR ``arch_kwargs``."""
+    arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch_kwargs.items()}
+    encoder = ViTEncoder(in_channels, **encoder_kwargs(arch))
+    patch = getattr(args, "patch_size", None) or arch.get("patch_size")
+    if patch is not None:
+        token_grid(patch, encoder.vit_patch, "--patch-size" if getattr(args, "patch_size", None) else "plans patch size")
+    return HiEndMAE(encoder, mask_ratio=args.mask_ratio, decoder_width=getattr(args, "decoder_width", None),
+                    arch=arch)
+
+
+def validation_loss(model: HiEndMAE, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return model(batch, mask=model.random_mask(batch, gen))["loss"]
+
+
+def preview(model: HiEndMAE, batch: torch.Tensor, gen: torch.Generator) -> dict:
+    out = model(batch, mask=model.random_mask(batch, gen))
+    return {"": model.reconstruct(batch, out["pred"], out["mask"])}
+
+
+def export(model: HiEndMAE, meta: dict[str, Any], path: Path) -> Path:
+    from nnunet_hyspark.models.unetr import export_vit_encoder
+
+    return export_vit_encoder(model.encoder, model.arch, meta, path)
