@@ -146,7 +146,7 @@ class PretrainDataConfig:
         must share spacing and normalisation.
     configuration / plans_identifier: which plans configuration's preprocessed data to read.
     patch_size: crop size (x, y, z); ``None`` = the plans' patch size of the first dataset. Every axis must
-        be a multiple of 16.
+        be a multiple of ``patch_multiple`` (16, the hybrid encoder's stride; a ViT method passes its own).
     batch_size: ``None`` = the plans' batch size of the first dataset.
     crops_per_volume: crops cut from each loaded volume (reference: 4); consecutive batches may share volumes.
     body_threshold: body threshold in HU for CT normalisation (default -500); ``None`` = uniform crops.
@@ -169,6 +169,7 @@ class PretrainDataConfig:
     configuration: str = "3d_fullres"
     plans_identifier: str = "nnUNetHySparKPlans"
     patch_size: tuple[int, int, int] | None = None
+    patch_multiple: int = _DIVISOR
     batch_size: int | None = None
     crops_per_volume: int = 4
     body_threshold: float | None = -500.0
@@ -319,15 +320,15 @@ def _check_compatible(sources: list[_Source]) -> None:
                         "plan them with shared CT intensity properties or pre-train on them separately")
 
 
-def _check_patch_size(patch_size, origin: str) -> tuple[int, int, int]:
+def _check_patch_size(patch_size, origin: str, multiple: int = _DIVISOR) -> tuple[int, int, int]:
     ps = tuple(int(p) for p in patch_size)
     if len(ps) != 3:
         raise HySparKError(f"patch size {ps} ({origin}) is not 3D", "HySparK pre-training needs a 3D patch (x, y, z)")
     for ax, p in enumerate(ps):
-        if p <= 0 or p % _DIVISOR:
-            lo, hi = max(_DIVISOR, p // _DIVISOR * _DIVISOR), (p // _DIVISOR + 1) * _DIVISOR
+        if p <= 0 or p % multiple:
+            lo, hi = max(multiple, p // multiple * multiple), (p // multiple + 1) * multiple
             raise HySparKError(
-                f"patch size {list(ps)} ({origin}): axis {ax} ({_AXES[ax]}) = {p} is not a multiple of {_DIVISOR}",
+                f"patch size {list(ps)} ({origin}): axis {ax} ({_AXES[ax]}) = {p} is not a multiple of {multiple}",
                 f"use e.g. {lo} or {hi} for axis {ax} (PretrainDataConfig.patch_size), or re-plan with "
                 f"hyspark_plan_and_preprocess")
     return ps
@@ -792,10 +793,10 @@ def build_pretrain_loaders(cfg: PretrainDataConfig
     ref = sources[0]
 
     if cfg.patch_size is not None:
-        patch_size = _check_patch_size(cfg.patch_size, "PretrainDataConfig.patch_size")
+        patch_size = _check_patch_size(cfg.patch_size, "PretrainDataConfig.patch_size", cfg.patch_multiple)
     else:
         patch_size = _check_patch_size(ref.config["patch_size"],
-                                       f"'{cfg.configuration}' patch_size in {ref.plans_file}")
+                                       f"'{cfg.configuration}' patch_size in {ref.plans_file}", cfg.patch_multiple)
     batch_size = int(cfg.batch_size if cfg.batch_size is not None else ref.config.get("batch_size", 2))
     if batch_size < 1:
         raise HySparKError(f"batch_size must be >= 1 (got {batch_size})")

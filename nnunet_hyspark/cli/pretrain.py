@@ -23,13 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hyspark_pretrain",
         description="Self-supervised pre-training (HySparK by default) on nnU-Net-preprocessed datasets. "
-                    "Defaults are the HySparK reference recipe: AdamW lr 1e-4, warm-up over 40%% of the run then "
-                    "cosine, weight decay 0.04 -> 0.2, gradient clipping 5, mask ratio 0.75.",
+                    "Optimisation options left out take the method's recipe: HySparK (and MiM): AdamW lr 1e-4, "
+                    "warm-up over 40%% of the run then cosine, weight decay 0.04 -> 0.2, gradient clipping 5, "
+                    "mask ratio 0.75; Hi-End-MAE: AdamW lr 1e-4 betas 0.9 0.95, warm-up 1%% then cosine, "
+                    "weight decay 0.05 constant, no clipping, mask ratio 0.75. Biases, norms and tokens are never "
+                    "decayed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-d", "--datasets", nargs="+", required=True, metavar="ID",
                    help="dataset ids or names, preprocessed with hyspark_plan_and_preprocess (labelled or not)")
     p.add_argument("-c", "--configuration", default="3d_fullres")
-    p.add_argument("-p", "--plans", default="nnUNetHySparKPlans", help="plans identifier")
+    p.add_argument("-p", "--plans", default=None,
+                   help="plans identifier (default: the method's, e.g. nnUNetHySparKPlans, nnUNetHiEndMAEPlans)")
     p.add_argument("--method", default="hyspark", choices=sorted(_methods()), help="pre-training method")
     p.add_argument("--epochs", type=int, default=LOOP_DEFAULTS["epochs"])
     p.add_argument("--iterations", type=int, default=LOOP_DEFAULTS["iterations"], help="iterations per epoch")
@@ -38,12 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", type=int, default=None, help="per process; default: the plan's")
     p.add_argument("--patch-size", type=int, nargs=3, default=None,
                    help="default: the plan's patch size (MiM: the level patch; it reads crops of twice that)")
-    p.add_argument("--mask-ratio", type=float, default=LOOP_DEFAULTS["mask_ratio"])
-    p.add_argument("--lr", type=float, default=LOOP_DEFAULTS["lr"], help="peak learning rate")
-    p.add_argument("--warmup-fraction", type=float, default=LOOP_DEFAULTS["warmup_fraction"])
-    p.add_argument("--weight-decay", type=float, nargs=2, default=LOOP_DEFAULTS["weight_decay"],
-                   metavar=("START", "END"), help="cosine-annealed from START to END")
-    p.add_argument("--clip-grad", type=float, default=LOOP_DEFAULTS["clip_grad"], help="0 disables")
+    p.add_argument("--mask-ratio", type=float, default=None, help="default: the method's (0.75)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's, 1e-4)")
+    p.add_argument("--warmup-fraction", type=float, default=None,
+                   help="default: the method's (HySparK 0.4, Hi-End-MAE 0.01)")
+    p.add_argument("--weight-decay", type=float, nargs=2, default=None, metavar=("START", "END"),
+                   help="cosine-annealed from START to END (default: the method's; HySparK 0.04 0.2, "
+                        "Hi-End-MAE 0.05 0.05)")
+    p.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+                   help="AdamW betas (default: the method's; HySparK 0.9 0.999, Hi-End-MAE 0.9 0.95)")
+    p.add_argument("--clip-grad", type=float, default=None,
+                   help="gradient-norm clipping, 0 disables (default: the method's; HySparK 5, Hi-End-MAE 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="bf16 autocast also speeds up AMX-capable CPUs; fp16 is CUDA only (with a gradient scaler)")
@@ -73,6 +82,18 @@ def _methods() -> dict:
     from nnunet_hyspark.pretraining.methods import METHODS
 
     return METHODS
+
+
+def apply_method_defaults(args: argparse.Namespace, method) -> argparse.Namespace:
+    """Fill options left out (None) from the method's recipe, else from the HySparK reference recipe."""
+    for key in ("lr", "warmup_fraction", "weight_decay", "clip_grad", "mask_ratio"):
+        if getattr(args, key, None) is None:
+            setattr(args, key, method.recipe.get(key, LOOP_DEFAULTS[key]))
+    if getattr(args, "betas", None) is None:
+        args.betas = tuple(method.recipe.get("betas", (0.9, 0.999)))
+    if getattr(args, "plans", None) is None:
+        args.plans = method.plans
+    return args
 
 
 def resolve_device(name: str):
@@ -114,6 +135,8 @@ def run(args: argparse.Namespace) -> Path | None:
     from nnunet_hyspark.weights import load_weights_file, transfer_report, format_report
 
     require_nnunet_env()
+    method = _methods()[args.method]
+    apply_method_defaults(args, method)
     if not 0.0 <= args.mask_ratio < 1.0:
         raise HySparKError(f"--mask-ratio {args.mask_ratio} is outside [0, 1)")
     if args.epochs < 1 or args.iterations < 1:
@@ -124,14 +147,13 @@ def run(args: argparse.Namespace) -> Path | None:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     dataset_ids = [_dataset_id(d) for d in args.datasets]
-    method = _methods()[args.method]
     patch_size = tuple(args.patch_size) if args.patch_size else None
     if method.crop_scale != 1:  # e.g. MiM cuts its levels from crops of 2 x the network's patch
         patch_size = tuple(method.crop_scale * p for p in
                            (patch_size or _plan_patch_size(dataset_ids[0], args.plans, args.configuration)))
     data_cfg = PretrainDataConfig(
         dataset_ids=dataset_ids, configuration=args.configuration, plans_identifier=args.plans,
-        patch_size=patch_size, batch_size=args.batch_size,
+        patch_size=patch_size, patch_multiple=method.patch_multiple, batch_size=args.batch_size,
         val_fraction=args.val_fraction, num_val_batches=args.val_iterations, num_workers=args.num_workers,
         seed=args.seed,
         rank=dist.rank, world_size=dist.world_size)
@@ -161,6 +183,7 @@ def run(args: argparse.Namespace) -> Path | None:
         loop_cfg = LoopConfig(epochs=args.epochs, iterations_per_epoch=args.iterations,
                               val_iterations=args.val_iterations, lr=args.lr, warmup_fraction=args.warmup_fraction,
                               weight_decay_start=args.weight_decay[0], weight_decay_end=args.weight_decay[1],
+                              betas=tuple(args.betas),
                               clip_grad=args.clip_grad or None, precision=args.precision,
                               preview_every=args.preview_every, save_every=args.save_every, seed=args.seed)
         trainer = Pretrainer(model, method, loop_cfg, train_iter, val_iter, output, meta, device, dist,

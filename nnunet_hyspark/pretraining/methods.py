@@ -5,13 +5,14 @@ Each method registers a :class:`Method`; ``hyspark_pretrain --method NAME`` pick
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from nnunet_hyspark.models import hiend_mae
 from nnunet_hyspark.models.encoder import HybridEncoder
 from nnunet_hyspark.models.hyspark import HySparK
 from nnunet_hyspark.weights import export_encoder
@@ -27,6 +28,11 @@ class Method:
     crop_scale: int = 1  # crops of crop_scale x the plan's (or --patch-size) patch per axis (MiM: 2)
     network: str = "HySparKUNet"  # the plans' network class (suffix of network_class_name) it pre-trains for
     finetune_trainer: str = "nnUNetTrainerHySparKFinetune"
+    plans: str = "nnUNetHySparKPlans"  # default -p of hyspark_pretrain for this method
+    patch_multiple: int = 16  # the data loader refuses patches with other axes (1: the model's build checks)
+    #: optimisation defaults that differ from the HySparK reference recipe (keys of hyspark_pretrain's LOOP_DEFAULTS,
+    #: plus "betas"); explicit command-line options win
+    recipe: Mapping[str, Any] = field(default_factory=dict)
 
 
 def hybrid_encoder_from_arch(arch_kwargs: Mapping[str, Any], in_channels: int) -> HybridEncoder:
@@ -92,4 +98,7 @@ METHODS: dict[str, Method] = {
     "hyspark": Method("hyspark", _build_hyspark, _hyspark_validation_loss, _hyspark_preview, _hyspark_export),
     "mim": Method("mim", _build_mim, _mim_validation_loss, _mim_preview, _mim_export, crop_scale=2,
                   network="MiMUNet", finetune_trainer="nnUNetTrainerMiMFinetune"),
+    "hiend_mae": Method("hiend_mae", hiend_mae.build, hiend_mae.validation_loss, hiend_mae.preview, hiend_mae.export,
+                        network="HiEndUNETR", finetune_trainer="nnUNetTrainerHiEndMAEFinetune",
+                        plans="nnUNetHiEndMAEPlans", patch_multiple=1, recipe=hiend_mae.RECIPE),
 }
