@@ -64,6 +64,9 @@ def _floor_to(x: float, m: int) -> int:
 class HySparKPlanner(ExperimentPlanner):
     """nnU-Net planner writing ``nnUNetHySparKPlans`` with HySparKUNet in the 3D configurations."""
 
+    arch_presets = ARCH_PRESETS  # subclasses plan other networks with their own presets and patch multiple
+    patch_multiple = PATCH_MULTIPLE
+
     def __init__(self, dataset_name_or_id: Union[str, int],
                  gpu_memory_target_in_gb: float = DEFAULT_GPU_MEMORY_TARGET_GB,
                  preprocessor_name: str = 'DefaultPreprocessor', plans_name: str = PLANS_NAME,
@@ -72,14 +75,14 @@ class HySparKPlanner(ExperimentPlanner):
                  patch_size: Sequence[int] | None = None):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
-        if arch not in ARCH_PRESETS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCH_PRESETS)}")
+        if arch not in self.arch_presets:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(self.arch_presets)}")
         self.arch = arch
-        self.arch_kwargs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in ARCH_PRESETS[arch].items()}
+        self.arch_kwargs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.arch_presets[arch].items()}
         if patch_size is not None:
             patch_size = [int(i) for i in patch_size]
-            if len(patch_size) != 3 or any(i <= 0 or i % PATCH_MULTIPLE for i in patch_size):
-                raise ValueError(f"patch size {patch_size} must be three positive multiples of {PATCH_MULTIPLE}")
+            if len(patch_size) != 3 or any(i <= 0 or i % self.patch_multiple for i in patch_size):
+                raise ValueError(f"patch size {patch_size} must be three positive multiples of {self.patch_multiple}")
         # given in the (transposed) axis order of the plans, like the plans' own patch_size; 3d_fullres only
         self.fixed_patch_size = patch_size
         self.hyspark_notes: list[str] = []  # warnings collected while planning (printed by the command)
@@ -103,15 +106,15 @@ class HySparKPlanner(ExperimentPlanner):
         initial = tmp * (256 ** 3 / np.prod(tmp)) ** (1 / 3)
         patch = []
         for i, m in zip(initial, median_shape):
-            upper = max(PATCH_MULTIPLE, _ceil_to(m, PATCH_MULTIPLE))
-            patch.append(int(min(max(PATCH_MULTIPLE, _floor_to(round(i), PATCH_MULTIPLE)), upper)))
+            upper = max(self.patch_multiple, _ceil_to(m, self.patch_multiple))
+            patch.append(int(min(max(self.patch_multiple, _floor_to(round(i), self.patch_multiple)), upper)))
         return patch
 
     def shrink_to_fit(self, patch: list[int], median_shape: Sequence[float]) -> list[int]:
-        """Shrink the axis largest relative to the median shape by 16 until batch size 2 fits the target."""
+        """Shrink the axis largest relative to the median shape by the patch multiple until batch size 2 fits."""
         patch = list(patch)
         while self.estimate(patch, 2).total_gb > self.UNet_vram_target_GB:
-            ratios = [p / max(m, 1) if p > PATCH_MULTIPLE else -np.inf for p, m in zip(patch, median_shape)]
+            ratios = [p / max(m, 1) if p > self.patch_multiple else -np.inf for p, m in zip(patch, median_shape)]
             axis = int(np.argmax(ratios))
             if not np.isfinite(ratios[axis]):
                 est = self.estimate(patch, 2)
@@ -119,7 +122,7 @@ class HySparKPlanner(ExperimentPlanner):
                     f"even the smallest patch {patch} needs about {est.total_gb:.1f} GB at batch size 2 with the "
                     f"'{self.arch}' network, more than the GPU memory target of {self.UNet_vram_target_GB:g} GB",
                     "raise --gpu-memory-target, or use --arch tiny")
-            patch[axis] -= PATCH_MULTIPLE
+            patch[axis] -= self.patch_multiple
         return patch
 
     def batch_size_for(self, patch: Sequence[int], approximate_n_voxels_dataset: float) -> int:
@@ -211,11 +214,11 @@ class HySparKPlanner(ExperimentPlanner):
                 raise HySparKError(
                     f"{self.dataset_name}: the median image is {[int(round(i)) for i in median]} voxels after "
                     f"resampling, only {m:g} on axis {axis}; the hybrid network needs 3D patches of at least "
-                    f"{PATCH_MULTIPLE} voxels per axis",
+                    f"{self.patch_multiple} voxels per axis",
                     "this looks like 2D data: use nnU-Net's 2d configuration (nnUNetv2_plan_and_preprocess)")
-            if m < PATCH_MULTIPLE:
+            if m < self.patch_multiple:
                 self._note(f"warning: the median image has only {m:g} voxels on axis {axis}; patches are "
-                           f"{PATCH_MULTIPLE} voxels there, so nnU-Net pads every case on that axis")
+                           f"{self.patch_multiple} voxels there, so nnU-Net pads every case on that axis")
         if self.fixed_patch_size is not None:
             largest = shapes.max(0)
             for axis, (p, n) in enumerate(zip(self.fixed_patch_size, largest)):
@@ -223,7 +226,7 @@ class HySparKPlanner(ExperimentPlanner):
                     raise HySparKError(
                         f"--patch-size {' '.join(map(str, self.fixed_patch_size))}: axis {axis} has {p} voxels but the largest volume "
                         f"has {int(n)} on that axis after resampling (axis order of the plans)",
-                        f"choose at most {max(PATCH_MULTIPLE, _ceil_to(n, PATCH_MULTIPLE))} on axis {axis}, or "
+                        f"choose at most {max(self.patch_multiple, _ceil_to(n, self.patch_multiple))} on axis {axis}, or "
                         f"leave --patch-size out")
 
     def plan_experiment(self):
