@@ -1,0 +1,61 @@
+"""Fine-tuning HiEndUNETR (the Hi-End-MAE ViT under a UNETR decoder) through nnU-Net's own command:
+
+    nnUNetv2_train D 3d_fullres F -tr nnUNetTrainerHiEndMAEFinetune -p nnUNetHiEndMAEPlans \\
+        -pretrained_weights <encoder_weights.pth>
+
+Everything but the network is :class:`nnUNetTrainerHySparKFinetune`'s: the plans check (spacing,
+CT normalisation), the load report before nnU-Net's ``load_pretrained_weights``, the verification
+after it, AdamW with the encoder at 0.1 x the learning rate. Particular to the ViT: the file must
+come from Hi-End-MAE pre-training (HiEndUNETR weights) and its patch embedding must take this
+dataset's number of channels (``hyspark_convert_checkpoint IN OUT --in-channels N`` adapts it).
+Position embeddings are fixed sin-cos, rebuilt for the plans' token grid (patch / ViT patch).
+"""
+from __future__ import annotations
+
+import torch
+
+from nnunet_hyspark.models.unetr import NETWORK_CLASS_NAME, STEM_KEY
+from nnunet_hyspark.trainers.nnUNetTrainerHySparK import _short_schedule
+from nnunet_hyspark.trainers.nnUNetTrainerHySparKFinetune import nnUNetTrainerHySparKFinetune
+
+__all__ = ["nnUNetTrainerHiEndMAEFinetune", "nnUNetTrainerHiEndMAEFinetune_test"]
+
+
+class nnUNetTrainerHiEndMAEFinetune(nnUNetTrainerHySparKFinetune):
+    """Fine-tunes HiEndUNETR from ``-pretrained_weights`` written by ``hyspark_pretrain --method hiend_mae``."""
+
+    def initialize(self):
+        if not self.was_initialized:
+            name = self.configuration_manager.network_arch_class_name
+            if name != NETWORK_CLASS_NAME:
+                raise RuntimeError(f"{type(self).__name__} fine-tunes {NETWORK_CLASS_NAME}, but the plans' "
+                                   f"{self.configuration_name} configuration uses {name}: plan with "
+                                   f"hyspark_plan_and_preprocess --network hiend_mae and train with -p nnUNetHiEndMAEPlans")
+        super().initialize()
+
+    def _check_plans(self, meta: dict) -> None:
+        made_for = meta.get("network_class_name")
+        if made_for is not None and made_for != NETWORK_CLASS_NAME:
+            raise RuntimeError(f"the pre-trained weights are for {made_for} (method {meta.get('method')}), not "
+                               f"{NETWORK_CLASS_NAME}: pre-train with hyspark_pretrain --method hiend_mae "
+                               f"-p nnUNetHiEndMAEPlans")
+        super()._check_plans(meta)
+
+    def _check_channels(self, file_state: dict) -> None:
+        stem = file_state.get(STEM_KEY)
+        if stem is not None and stem.shape[1] != self.num_input_channels:
+            raise RuntimeError(
+                f"the pre-trained patch embedding takes {stem.shape[1]} input channel(s), this dataset has "
+                f"{self.num_input_channels}. Adapt the file first: hyspark_convert_checkpoint "
+                f"{self.pretrained_weights_file} OUT.pth --in-channels {self.num_input_channels}")
+
+
+class nnUNetTrainerHiEndMAEFinetune_test(nnUNetTrainerHiEndMAEFinetune):
+    """The test suite's schedule: two tiny epochs."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _short_schedule(self, epochs=2, iterations=3, val_iterations=1)
+        self.initial_lr = 1e-3
+        self.warmup_epochs = 1
