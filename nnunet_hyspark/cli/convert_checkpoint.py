@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         raise HySparKError(f"cannot read {args.source}: {type(e).__name__}: {e}", "is it a torch checkpoint?") from e
     source_meta = obj.get("hyspark_meta", {}) if isinstance(obj, dict) else {}
+    if source_meta.get("network_class_name") == "nnunet_hyspark.models.unetr.HiEndUNETR":
+        _adapt_hiend_mae(obj, source_meta, args, out)
+        return
     weights, arch, report = converted_network_weights(unwrap_state_dict(obj), args.vit_heads, args.in_channels)
     if source_meta:  # one of ours: keep its provenance, update what changed
         meta = {**source_meta, "architecture": arch, "converted_from": str(args.source)}
@@ -57,6 +60,20 @@ def main(argv: list[str] | None = None) -> None:
     for line in report["ignored"]:
         print(f"  ignored: {line}")
     print(f"architecture: {arch}")
+    print(f"wrote {out} (+ {out.with_suffix('.json').name})")
+
+
+def _adapt_hiend_mae(obj: dict, meta: dict, args: argparse.Namespace, out: Path) -> None:
+    """A Hi-End-MAE weights file (ours) only needs converting for another number of input channels."""
+    from nnunet_hyspark.models.unetr import adapt_weights_channels
+
+    if args.in_channels is None:
+        raise HySparKError(f"{args.source} is a Hi-End-MAE weights file: it loads as it is",
+                           "give --in-channels N to adapt its patch embedding to N input channels")
+    weights, meta = adapt_weights_channels(obj["network_weights"], meta, args.in_channels)
+    save_weights_file(weights, {**meta, "converted_from": str(args.source)}, out)
+    print(f"patch embedding repeated over {args.in_channels} input channels (scaled by 1/{args.in_channels}); "
+          f"decoder image convolution re-initialised")
     print(f"wrote {out} (+ {out.with_suffix('.json').name})")
 
 
