@@ -102,6 +102,7 @@ class Pretrainer:
         self.val_iter = val_iter
         self.step = 0
         self.history: dict[str, list] = {"train_loss": [], "val_loss": [], "lr": [], "epoch_time": []}
+        self.epoch_losses: list[float] = []  # of the epoch in progress (kept across an interruption)
         self.log = TrainingLog(self.output_dir, enabled=self.dist.is_main)
         self._preview_batch: torch.Tensor | None = None
         if self.dist.is_main:
@@ -171,7 +172,7 @@ class Pretrainer:
     def checkpoint_state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None, "step": self.step,
-                "history": self.history, "rng": rng_state(), "loop_config": asdict(self.cfg), "meta": self.meta}
+                "history": self.history, "epoch_losses": self.epoch_losses, "rng": rng_state(), "loop_config": asdict(self.cfg), "meta": self.meta}
 
     def save_checkpoint(self, name: str = "checkpoint_latest.pth") -> Path | None:
         if not self.dist.is_main:
@@ -188,8 +189,14 @@ class Pretrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.history = state["history"]
+        self.epoch_losses = state.get("epoch_losses", [])
         set_rng_state(state["rng"])
         self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.cfg.iterations_per_epoch})")
+
+    def _save_and_stop(self) -> None:
+        path = self.save_checkpoint()
+        self.log(f"interrupted at step {self.step}: saved {path}; continue with --c")
+        raise KeyboardInterrupt
 
     def _end_of_epoch(self, epoch: int, train_losses: list[float], lr: float, t0: float) -> None:
         val = self.validate()
@@ -233,20 +240,20 @@ class Pretrainer:
             start_epoch = self.step // c.iterations_per_epoch
             for epoch in range(start_epoch, c.epochs):
                 t0 = time.time()
-                losses: list[float] = []
                 lr = self.lr_at(self.step)
                 first = self.step - epoch * c.iterations_per_epoch
                 bar = _progress_bar(range(first, c.iterations_per_epoch), epoch, c.epochs, self.progress)
-                for _ in bar:
+                for i in bar:
                     lr, loss = self.train_step(next(self.train_iter))
-                    losses.append(loss)
+                    self.epoch_losses.append(loss)
                     if hasattr(bar, "set_postfix"):
                         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                    if interrupted.requested:
-                        path = self.save_checkpoint()
-                        self.log(f"interrupted at step {self.step}: saved {path}; continue with --c")
-                        raise KeyboardInterrupt
-                self._end_of_epoch(epoch, losses, lr, t0)
+                    if interrupted.requested and i < c.iterations_per_epoch - 1:
+                        self._save_and_stop()
+                self._end_of_epoch(epoch, self.epoch_losses, lr, t0)
+                self.epoch_losses = []
+                if interrupted.requested:
+                    self._save_and_stop()
         if not self.dist.is_main:
             return None
         self.save_checkpoint("checkpoint_final.pth")
