@@ -51,11 +51,11 @@ class nnUNetTrainerHiEndMAEFinetune(nnUNetTrainerHySparKFinetune):
 
 
 class nnUNetTrainerHiEndMAEFinetune_test(nnUNetTrainerHiEndMAEFinetune):
-    """The test suite's schedule: two tiny epochs."""
+    """The test suite's schedule: one tiny epoch."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self, epochs=2, iterations=3, val_iterations=1)
+        _short_schedule(self, epochs=1, iterations=3, val_iterations=1)
         self.initial_lr = 1e-3
         self.warmup_epochs = 1
