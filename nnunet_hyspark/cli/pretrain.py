@@ -23,9 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hyspark_pretrain",
         description="Self-supervised pre-training (HySparK by default) on nnU-Net-preprocessed datasets. "
-                    "Optimisation options left out take the method's recipe: HySparK (and MiM): AdamW lr 1e-4, "
+                    "Optimisation options left out take the method's recipe: HySparK: AdamW lr 1e-4, "
                     "warm-up over 40%% of the run then cosine, weight decay 0.04 -> 0.2, gradient clipping 5, "
-                    "mask ratio 0.75; Hi-End-MAE: AdamW lr 1e-4 betas 0.9 0.95, warm-up 1%% then cosine, "
+                    "mask ratio 0.75; MiM: AdamW lr 1e-4 betas 0.9 0.95, warm-up 5%% then cosine, weight decay 0.05 "
+                    "constant, no clipping (mask ratios 0.5 / 0.6 / 0.5 per level, crops of 2x the patch); "
+                    "Hi-End-MAE: AdamW lr 1e-4 betas 0.9 0.95, warm-up 1%% then cosine, "
                     "weight decay 0.05 constant, no clipping, mask ratio 0.75. Biases, norms and tokens are never "
                     "decayed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the masked CNN runs: dense (reference), blocks (project's own block-sparse), "
                         "spconv (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    p.add_argument("--decoder-width", type=int, default=None, help="default: 2 x the ViT width (768)")
+    p.add_argument("--decoder-width", type=int, default=None, help="default: 2 x the ViT width (768); MiM: 1.5 x (576)")
     p.add_argument("--fuse-full-resolution", action="store_true",
                    help="also fuse the full-resolution skip in the decoder (the reference does not)")
     p.add_argument("--init-from", default=None,

@@ -48,6 +48,10 @@ from nnunet_hyspark.models.pos_embed import sincos_3d
 DEFAULT_WIDTHS = (48, 96, 192, 384)
 DEFAULT_CONV_DEPTHS = (2, 2, 2)
 LN_EPS = 1e-6
+#: the paper's optimisation (hyspark_pretrain defaults for --method mim): AdamW betas (0.9, 0.95), weight decay
+#: 0.05 (biases and 1-D parameters exempt), 40 warm-up epochs of 800, half-cycle cosine, no gradient clipping.
+#: The paper scales the peak lr as 1e-4 x batch / 256; pass --lr for that (the default is 1e-4 unscaled).
+RECIPE = {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": (0.05, 0.05), "warmup_fraction": 0.05, "clip_grad": 0.0}
 
 
 # ============================================================================================ backbone
@@ -310,19 +314,25 @@ class MiM(nn.Module):
             out[f"loss_{name}"] = loss.detach()
             total = total + weight * loss
 
-        b, nm, nf = crops.shape[0], self.n_middle, self.n_fine
+        align_cm, align_mf = self.alignment(levels, decoded)
+        out["align_coarse_middle"], out["align_middle_fine"] = align_cm.detach(), align_mf.detach()
+        out["loss"] = total + self.align_weights[0] * align_cm + self.align_weights[1] * align_mf
+        return out
+
+    def alignment(self, levels: dict, decoded: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-level losses from the decoder tokens (after its norm) of each level: (coarse-middle, middle-fine)."""
+        nm, nf = self.n_middle, self.n_fine
+        b = levels["octants"].shape[0]
         # coarse -> middle: each middle volume against the coarse octant it was cut from
-        per_octant = octant_pooling_matrix(levels["grid"], crops.device) @ decoded["coarse"]  # (B, 8, W)
-        coarse_side = gather_tokens(per_octant, levels["octants"])  # (B, n_middle, W)
+        pool = octant_pooling_matrix(levels["grid"], decoded["coarse"].device).to(decoded["coarse"].dtype)
+        coarse_side = gather_tokens(pool @ decoded["coarse"], levels["octants"])  # (B, n_middle, W)
         middle_side = decoded["middle"].mean(1).view(b, nm, -1)
         align_cm = alignment_loss(middle_side, coarse_side, self.align_heads["coarse_middle"])
         # middle -> fine: each fine volume against the middle cell it was cut from
         cell_side = gather_tokens(decoded["middle"], levels["cells"])  # (B * n_middle, n_fine, W)
         fine_side = decoded["fine"].mean(1).view(b * nm, nf, -1)
         align_mf = alignment_loss(fine_side, cell_side, self.align_heads["middle_fine"])
-        out["align_coarse_middle"], out["align_middle_fine"] = align_cm.detach(), align_mf.detach()
-        out["loss"] = total + self.align_weights[0] * align_cm + self.align_weights[1] * align_mf
-        return out
+        return align_cm, align_mf
 
     @torch.no_grad()
     def reconstruct(self, volume: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

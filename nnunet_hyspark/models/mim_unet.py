@@ -14,8 +14,9 @@ exactly Swin-UNETR's decoder at feature size 48 on MiM's stage widths.
 
 The fifth stage halves 1/16 to 1/32, so patch axes must be multiples of 32 (the MiM plans,
 ``hyspark_plan_and_preprocess --network mim``, produce such patches; MiM pre-training
-needs them anyway for its octant grouping). ``fifth_stage=False`` drops it for
-multiples of 16 (the deepest scale is then the ViT tokens).
+needs them anyway for its octant grouping), and not 32 on every axis (a single deepest
+voxel cannot be instance-normed in training). ``fifth_stage=False`` drops the fifth
+stage for multiples of 16 (the deepest scale is then the ViT tokens).
 
 nnU-Net contract: constructor ``(input_channels, num_classes, **arch_kwargs)``;
 ``arch_kwargs['strides']`` = ``[[1,1,1]] + [[2,2,2]] * 5`` (four with ``fifth_stage=False``),
@@ -31,7 +32,6 @@ at a seeded initialisation; the fusion convs and the MAE decoder of pre-training
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from pathlib import Path
@@ -129,11 +129,15 @@ class MiMUNet(nn.Module):
         self.decoder = MiMUNetDecoder(input_channels, w, feature_size, num_classes, deep_supervision)
 
     def check_input(self, spatial_shape: Sequence[int], what: str = "input") -> None:
-        for axis, n in enumerate(spatial_shape):
+        shape = tuple(int(s) for s in spatial_shape)
+        hint = " (or use fifth_stage=False for multiples of 16)" if self.fifth_stage else ""
+        for axis, n in enumerate(shape):
             if n % self.multiple or n <= 0:
-                hint = " (or use fifth_stage=False for multiples of 16)" if self.fifth_stage else ""
-                raise ValueError(f"{what} {tuple(int(s) for s in spatial_shape)}: axis {axis} has {n} voxels, not a "
-                                 f"positive multiple of {self.multiple} (MiMUNet downsamples by {self.multiple}){hint}")
+                raise ValueError(f"{what} {shape}: axis {axis} has {n} voxels, not a positive multiple of "
+                                 f"{self.multiple} (MiMUNet downsamples by {self.multiple}){hint}")
+        if all(n == self.multiple for n in shape):
+            raise ValueError(f"{what} {shape} leaves a single voxel at the deepest scale, where the decoder's "
+                             f"instance norms cannot train: make one axis at least {2 * self.multiple}{hint}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self.check_input(x.shape[2:])
@@ -199,29 +203,21 @@ def adapt_weights_channels(weights: Mapping[str, torch.Tensor], meta: Mapping[st
                                                   "adapted_input_channels": in_channels}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m nnunet_hyspark.models.mim_unet IN OUT --in-channels N``: adapt a MiM weights file."""
-    from nnunet_hyspark.weights import load_weights_file, save_weights_file
-
-    p = argparse.ArgumentParser(prog="python -m nnunet_hyspark.models.mim_unet",
-                                description="Adapt a MiM weights file to another number of input channels.")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--in-channels", type=int, required=True)
-    args = p.parse_args(argv)
-    weights, meta = load_weights_file(args.input)
-    weights, meta = adapt_weights_channels(weights, meta, args.in_channels)
-    print(f"wrote {save_weights_file(weights, meta, args.output)}")
-
-
 # ============================================================================================ memory (planner)
 
 
+_PARAMETER_COUNTS: dict[tuple, int] = {}
+
+
 def count_parameters(input_channels: int = 1, num_classes: int = 2, **arch) -> int:
-    """Exact parameter count, from a network built on the meta device (no memory, no initialisation cost)."""
-    with torch.device("meta"):
-        net = MiMUNet(input_channels, num_classes, **{k: v for k, v in arch.items() if k in ARCH_KEYS})
-    return sum(p.numel() for p in net.parameters())
+    """Exact parameter count, from a network built on the meta device (no memory used; cached)."""
+    arch = {k: v for k, v in arch.items() if k in ARCH_KEYS}
+    key = (input_channels, num_classes, repr(sorted(arch.items())))
+    if key not in _PARAMETER_COUNTS:
+        with torch.device("meta"):
+            net = MiMUNet(input_channels, num_classes, **arch)
+        _PARAMETER_COUNTS[key] = sum(p.numel() for p in net.parameters())
+    return _PARAMETER_COUNTS[key]
 
 
 def activation_bytes_per_sample(patch_size: Sequence[int], input_channels: int = 1, num_classes: int = 2,
@@ -271,6 +267,3 @@ def max_batch_size(patch_size: Sequence[int], target_gb: float, **kwargs) -> int
     free = target_gb * GB - one.overhead - one.parameter_state
     return max(0, int(free // (one.fragmentation * one.activations_per_sample)))
 
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from nnunet_hyspark.models import hiend_mae
+from nnunet_hyspark.models import hiend_mae, mim
 from nnunet_hyspark.models.encoder import HybridEncoder
 from nnunet_hyspark.models.hyspark import HySparK
 from nnunet_hyspark.weights import export_encoder
@@ -62,11 +62,9 @@ def _hyspark_export(model: HySparK, meta: dict[str, Any], path: Path) -> Path:
 
 def _build_mim(arch_kwargs: Mapping[str, Any], in_channels: int, args: argparse.Namespace) -> nn.Module:
     """MiM with the paper's level settings (nnunet_hyspark.models.mim); ``--decoder-width`` is honoured."""
-    from nnunet_hyspark.models.mim import MiM, MiMBackbone
-
     keys = ("widths", "conv_depths", "vit_depth", "vit_heads", "vit_mlp_ratio")
-    encoder = MiMBackbone(in_channels, **{k: arch_kwargs[k] for k in keys if k in arch_kwargs})
-    model = MiM(encoder, decoder_width=getattr(args, "decoder_width", None))
+    encoder = mim.MiMBackbone(in_channels, **{k: arch_kwargs[k] for k in keys if k in arch_kwargs})
+    model = mim.MiM(encoder, decoder_width=getattr(args, "decoder_width", None))
     model.finetune_kwargs = dict(arch_kwargs)  # what export needs to write the plan's MiMUNet
     return model
 
@@ -97,7 +95,8 @@ def _mim_export(model: nn.Module, meta: dict[str, Any], path: Path) -> Path:
 METHODS: dict[str, Method] = {
     "hyspark": Method("hyspark", _build_hyspark, _hyspark_validation_loss, _hyspark_preview, _hyspark_export),
     "mim": Method("mim", _build_mim, _mim_validation_loss, _mim_preview, _mim_export, crop_scale=2,
-                  network="MiMUNet", finetune_trainer="nnUNetTrainerMiMFinetune"),
+                  network="MiMUNet", finetune_trainer="nnUNetTrainerMiMFinetune", plans="nnUNetMiMPlans",
+                  recipe=mim.RECIPE),
     "hiend_mae": Method("hiend_mae", hiend_mae.build, hiend_mae.validation_loss, hiend_mae.preview, hiend_mae.export,
                         network="HiEndUNETR", finetune_trainer="nnUNetTrainerHiEndMAEFinetune",
                         plans="nnUNetHiEndMAEPlans", patch_multiple=1, recipe=hiend_mae.RECIPE),
