@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         raise HySparKError(f"cannot read {args.source}: {type(e).__name__}: {e}", "is it a torch checkpoint?") from e
     source_meta = obj.get("hyspark_meta", {}) if isinstance(obj, dict) else {}
-    if source_meta.get("network_class_name") == "nnunet_hyspark.models.unetr.HiEndUNETR":
-        _adapt_hiend_mae(obj, source_meta, args, out)
+    if source_meta.get("network_class_name") in OWN_NETWORKS:
+        _adapt_own(obj, source_meta, args, out)
         return
     weights, arch, report = converted_network_weights(unwrap_state_dict(obj), args.vit_heads, args.in_channels)
     if source_meta:  # one of ours: keep its provenance, update what changed
@@ -63,17 +63,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out} (+ {out.with_suffix('.json').name})")
 
 
-def _adapt_hiend_mae(obj: dict, meta: dict, args: argparse.Namespace, out: Path) -> None:
-    """A Hi-End-MAE weights file (ours) only needs converting for another number of input channels."""
-    from nnunet_hyspark.models.unetr import adapt_weights_channels
+#: weights files of our other methods' networks -> (method, module with ``adapt_weights_channels``, what it adapts)
+OWN_NETWORKS = {
+    "nnunet_hyspark.models.unetr.HiEndUNETR": ("Hi-End-MAE", "nnunet_hyspark.models.unetr", "patch embedding"),
+    "nnunet_hyspark.models.mim_unet.MiMUNet": ("MiM", "nnunet_hyspark.models.mim_unet", "first convolution"),
+}
 
+
+def _adapt_own(obj: dict, meta: dict, args: argparse.Namespace, out: Path) -> None:
+    """A Hi-End-MAE or MiM weights file (ours) only needs converting for another number of input channels."""
+    import importlib
+
+    method, module, first = OWN_NETWORKS[meta["network_class_name"]]
     if args.in_channels is None:
-        raise HySparKError(f"{args.source} is a Hi-End-MAE weights file: it loads as it is",
-                           "give --in-channels N to adapt its patch embedding to N input channels")
-    weights, meta = adapt_weights_channels(obj["network_weights"], meta, args.in_channels)
+        raise HySparKError(f"{args.source} is a {method} weights file: it loads as it is",
+                           f"give --in-channels N to adapt its {first} to N input channels")
+    weights, meta = importlib.import_module(module).adapt_weights_channels(obj["network_weights"], meta,
+                                                                           args.in_channels)
     save_weights_file(weights, {**meta, "converted_from": str(args.source)}, out)
-    print(f"patch embedding repeated over {args.in_channels} input channels (scaled by 1/{args.in_channels}); "
-          f"decoder image convolution re-initialised")
+    print(f"{first} repeated over {args.in_channels} input channels (scaled by 1/{args.in_channels}); "
+          f"the parts that read the image directly and are not pre-trained re-initialised")
     print(f"wrote {out} (+ {out.with_suffix('.json').name})")
 
 

@@ -1,0 +1,45 @@
+"""Fine-tuning MiMUNet from MiM pre-trained weights, through nnU-Net's own command:
+
+    nnUNetv2_train D 3d_fullres F -tr nnUNetTrainerMiMFinetune -p nnUNetMiMPlans \\
+        -pretrained_weights <encoder_weights.pth from hyspark_pretrain --method mim>
+
+Everything but the first-conv check is the HySparK fine-tuning trainer's: plans
+compatibility (spacing, normalisation), a load report before nnU-Net loads the file,
+verification after loading, the pre-trained backbone (``encoder.``) at 0.1 x the
+learning rate (the fifth stage and the decoder are not pre-trained and train at the full
+rate), optional freezing. Position embeddings are fixed sin-cos, rebuilt for the plan's
+patch, so any patch size loads. A file pre-trained on fewer input channels is refused
+with the command that adapts it (first conv repeated over the channels).
+"""
+from __future__ import annotations
+
+import torch
+
+from nnunet_hyspark.models.mim_unet import STEM_KEY
+from nnunet_hyspark.trainers.nnUNetTrainerHySparK import _short_schedule
+from nnunet_hyspark.trainers.nnUNetTrainerHySparKFinetune import nnUNetTrainerHySparKFinetune
+
+__all__ = ["nnUNetTrainerMiMFinetune", "nnUNetTrainerMiMFinetune_test"]
+
+
+class nnUNetTrainerMiMFinetune(nnUNetTrainerHySparKFinetune):
+    """Fine-tunes MiMUNet (plans ``nnUNetMiMPlans``) from ``-pretrained_weights``."""
+
+    def _check_channels(self, file_state: dict) -> None:
+        stem = file_state.get(STEM_KEY)
+        if stem is not None and stem.shape[1] != self.num_input_channels:
+            raise RuntimeError(
+                f"the pre-trained first conv takes {stem.shape[1]} input channel(s), this dataset has "
+                f"{self.num_input_channels}. Adapt the file first: hyspark_convert_checkpoint "
+                f"{self.pretrained_weights_file} OUT.pth --in-channels {self.num_input_channels}")
+
+
+class nnUNetTrainerMiMFinetune_test(nnUNetTrainerMiMFinetune):
+    """The test suite's schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _short_schedule(self, epochs=1, iterations=3, val_iterations=1)
+        self.initial_lr = 3e-3
+        self.warmup_epochs = 1
