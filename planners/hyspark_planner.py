@@ -66,6 +66,8 @@ class HySparKPlanner(ExperimentPlanner):
 
     arch_presets = ARCH_PRESETS  # subclasses plan other networks with their own presets and patch multiple
     patch_multiple = PATCH_MULTIPLE
+    network_class_name = NETWORK_CLASS_NAME  # ... and their own network and strides (planners.mim_planner)
+    deep_supervision_strides = DEEP_SUPERVISION_STRIDES
 
     def __init__(self, dataset_name_or_id: Union[str, int],
                  gpu_memory_target_in_gb: float = DEFAULT_GPU_MEMORY_TARGET_GB,
@@ -136,8 +138,8 @@ class HySparKPlanner(ExperimentPlanner):
     def architecture(self, patch_size: Sequence[int]) -> dict:
         arch_kwargs = {'patch_size': [int(i) for i in patch_size]}
         arch_kwargs.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.arch_kwargs.items()})
-        arch_kwargs['strides'] = [list(s) for s in DEEP_SUPERVISION_STRIDES]
-        return {'network_class_name': NETWORK_CLASS_NAME, 'arch_kwargs': arch_kwargs, '_kw_requires_import': []}
+        arch_kwargs['strides'] = [list(s) for s in self.deep_supervision_strides]
+        return {'network_class_name': self.network_class_name, 'arch_kwargs': arch_kwargs, '_kw_requires_import': []}
 
     # -------------------------------------------------------------------------------- nnU-Net hooks
     @staticmethod
@@ -226,7 +228,7 @@ class HySparKPlanner(ExperimentPlanner):
                     raise HySparKError(
                         f"--patch-size {' '.join(map(str, self.fixed_patch_size))}: axis {axis} has {p} voxels but the largest volume "
                         f"has {int(n)} on that axis after resampling (axis order of the plans)",
-                        f"choose at most {max(self.patch_multiple, _ceil_to(n, self.patch_multiple))} on axis {axis}, or "
+                        f"choose at most {max(self.patch_multiple, _floor_to(n, self.patch_multiple))} on axis {axis}, or "
                         f"leave --patch-size out")
 
     def plan_experiment(self):

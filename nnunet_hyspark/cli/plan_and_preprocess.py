@@ -40,6 +40,20 @@ from nnunet_hyspark.errors import HySparKError, cli_entry, require_nnunet_env
 PATCH_MULTIPLE = 16
 SITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl", ".gipl.gz")
 BACKUP_SUFFIX = ".hyspark-previous"
+#: ``--network NAME`` -> (planner module, planner class); each module defines PLANS_NAME and ARCH_PRESETS
+NETWORKS = {"hyspark": ("nnunet_hyspark.planners.hyspark_planner", "HySparKPlanner"),
+            "mim": ("nnunet_hyspark.planners.mim_planner", "MiMPlanner"),
+            "hiend_mae": ("nnunet_hyspark.planners.hiend_mae_planner", "HiEndMAEPlanner")}
+
+
+def _planner_module(network: str):
+    import importlib
+
+    return importlib.import_module(NETWORKS[network][0])
+
+
+def _planner_class(network: str):
+    return getattr(_planner_module(network), NETWORKS[network][1])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", type=int, default=None, metavar="N",
                    help="processes for fingerprint extraction and preprocessing (default: nnU-Net's default, "
                         "$nnUNet_def_n_proc or 8)")
-    p.add_argument("--arch", choices=sorted(ARCH_PRESETS), default="base",
-                   help="network size: base = HySparK's network (widths 32..384, 3 ViT blocks, 12 heads); "
-                        "tiny = for CPU demos and tests (default: base)")
+    p.add_argument("--network", choices=sorted(NETWORKS), default="hyspark",
+                   help="network of the 3D configurations: hyspark = HySparKUNet (plans nnUNetHySparKPlans); "
+                        "mim = MiMUNet, for MiM pre-training and nnUNetTrainerMiMFinetune (plans nnUNetMiMPlans, "
+                        "patch axes multiples of 32); hiend_mae = HiEndUNETR (Hi-End-MAE ViT + UNETR decoder), for "
+                        "Hi-End-MAE pre-training and nnUNetTrainerHiEndMAEFinetune (plans nnUNetHiEndMAEPlans, patch "
+                        "axes multiples of --vit-patch) (default: hyspark)")
+    p.add_argument("--vit-patch", type=int, choices=[12, 16], default=None,
+                   help="--network hiend_mae only: the ViT patch, i.e. the patch-size multiple (default: 12)")
+    arch_names = sorted(set(ARCH_PRESETS).union(*(_planner_module(n).ARCH_PRESETS for n in NETWORKS)))
+    p.add_argument("--arch", choices=arch_names, default="base",
+                   help="network size: base = the published network (HySparK: widths 32..384, 3 ViT blocks, 12 "
+                        "heads; MiM: widths 48..384, 11 ViT blocks; Hi-End-MAE: ViT-B, 768 wide, 12 blocks); large = "
+                        "Hi-End-MAE's ViT-L (1536 wide); tiny = for CPU demos and tests (default: base)")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
                    help="fix the 3d_fullres patch size (multiples of 16, in the axis order of the plans, i.e. "
                         "after nnU-Net's transpose; default: chosen from the data and the memory target)")
@@ -72,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"GPU memory per training process the plans may use, in GB (default "
                         f"{DEFAULT_GPU_MEMORY_TARGET_GB:g}, like nnU-Net's ResEnc-L preset; nnU-Net's plain default "
                         f"is 8 for its own, smaller network)")
-    p.add_argument("--plans-name", default=PLANS_NAME, help=f"plans identifier (default {PLANS_NAME})")
+    p.add_argument("--plans-name", default=None,
+                   help=f"plans identifier (default {PLANS_NAME}; with --network mim nnUNetMiMPlans)")
     p.add_argument("--plans-from", default=None, metavar="SOURCE_ID",
                    help="use the plans of this (already planned) dataset instead of planning: needed for "
                         "unlabeled image collections; also works for labelled datasets, like "
@@ -91,14 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate_args(args) -> None:
+    network = getattr(args, "network", "hyspark")
+    module = _planner_module(network)
+    if args.plans_name is None:
+        args.plans_name = module.PLANS_NAME
+    if args.arch not in module.ARCH_PRESETS:
+        raise HySparKError(f"--arch {args.arch} is not a preset of --network {network}",
+                           f"choose one of {sorted(module.ARCH_PRESETS)}")
+    vit_patch = getattr(args, "vit_patch", None)
+    if vit_patch is not None and network != "hiend_mae":
+        raise HySparKError(f"--vit-patch is for --network hiend_mae, not {network}", "leave out --vit-patch")
+    multiple = vit_patch or _planner_class(network).patch_multiple
     if args.patch_size is not None:
         for axis, n in enumerate(args.patch_size):
-            if n <= 0 or n % PATCH_MULTIPLE:
-                lo = max(PATCH_MULTIPLE, n // PATCH_MULTIPLE * PATCH_MULTIPLE)
+            if n <= 0 or n % multiple:
+                lo = max(multiple, n // multiple * multiple)
                 raise HySparKError(
                     f"--patch-size {' '.join(map(str, args.patch_size))}: axis {axis} has {n} voxels, not a positive "
-                    f"multiple of {PATCH_MULTIPLE} (the hybrid encoder downsamples by {PATCH_MULTIPLE})",
-                    f"use e.g. {lo} or {lo + PATCH_MULTIPLE} on axis {axis}")
+                    f"multiple of {multiple} (the {network} network downsamples by {multiple})",
+                    f"use e.g. {lo} or {lo + multiple} on axis {axis}")
     if not args.gpu_memory_target > 0:
         raise HySparKError(f"--gpu-memory-target must be positive, got {args.gpu_memory_target:g}",
                            "give the GPU memory in GB, e.g. --gpu-memory-target 24")
@@ -428,6 +464,13 @@ def _print_summary(name: str, plans_file: str, configurations: Sequence[str], no
             est = estimate_training_memory(cm.patch_size, cm.batch_size, len(_channels(dataset_json)),
                                            max(2, len(dataset_json["labels"])), **arch)
             line += f", estimated training memory {est.total_gb:.1f} GB"
+        elif cm.network_arch_class_name.endswith("HiEndUNETR"):
+            from nnunet_hyspark.models.unetr import estimate_training_memory_gb
+
+            gb = estimate_training_memory_gb(cm.patch_size, cm.batch_size, len(_channels(dataset_json)),
+                                             max(2, len(dataset_json["labels"])),
+                                             **{k: v for k, v in kw.items() if k != "patch_size"})
+            line += f", estimated training memory {gb:.1f} GB"
         print(line)
     for n in notes:
         print(f"  {n}")
@@ -494,10 +537,9 @@ def _run_dataset(name: str, args, env: dict, cases: dict, labelled: bool, source
 
 
 def _plan(name: str, args) -> list[str]:
-    from nnunet_hyspark.planners.hyspark_planner import HySparKPlanner
-
-    planner = HySparKPlanner(name, gpu_memory_target_in_gb=args.gpu_memory_target, plans_name=args.plans_name,
-                             arch=args.arch, patch_size=args.patch_size)
+    planner = _planner_class(getattr(args, "network", "hyspark"))(
+        name, gpu_memory_target_in_gb=args.gpu_memory_target, plans_name=args.plans_name, arch=args.arch,
+        patch_size=args.patch_size, **({"vit_patch": args.vit_patch} if getattr(args, "vit_patch", None) else {}))
     planner.plan_experiment()
     for n in planner.hyspark_notes:
         print(n, file=sys.stderr)
