@@ -33,6 +33,8 @@ from nnunet_hyspark.errors import HySparKError, require_nnunet_env
 DEFAULT_SCRATCH_TRAINER = "nnUNetTrainerHySparK"
 DEFAULT_FINETUNE_TRAINER = "nnUNetTrainerHySparKFinetune"
 DEFAULT_ARM_SPECS = (f"scratch={DEFAULT_SCRATCH_TRAINER}", f"pretrained={DEFAULT_FINETUNE_TRAINER}")
+#: trainers (and their variants, e.g. ..._test) that fine-tune from -pretrained_weights
+FINETUNE_TRAINER_PREFIXES = (DEFAULT_FINETUNE_TRAINER, "nnUNetTrainerMiMFinetune", "nnUNetTrainerHiEndMAEFinetune")
 DEFAULT_N_FOLDS = 5
 MANIFEST_NAME = "benchmark.json"
 MANIFEST_FORMAT = 1
@@ -43,7 +45,7 @@ ARM_SPEC_HELP = (
     "LABEL names the arm in tables and log files; TRAINER is any nnU-Net trainer class "
     "(nnUNetTrainer, nnUNetTrainerHySparK, nnUNetTrainerHySparK_test, ...); WEIGHTS is a "
     "checkpoint passed as -pretrained_weights. Arms whose trainer starts with "
-    f"{DEFAULT_FINETUNE_TRAINER} need weights: given in the spec or via --pretrained_weights. "
+    f"{' or '.join(FINETUNE_TRAINER_PREFIXES)} need weights: given in the spec or via --pretrained_weights. "
     f"Default: {' '.join(DEFAULT_ARM_SPECS)}. Example: "
     f"--arms scratch={DEFAULT_SCRATCH_TRAINER} pretrained={DEFAULT_FINETUNE_TRAINER}:/path/weights.pth"
 )
@@ -88,7 +90,7 @@ def parse_arm(spec: str) -> Arm:
 
 def needs_weights(trainer: str) -> bool:
     """Fine-tuning trainers without weights would silently train from scratch."""
-    return trainer.startswith(DEFAULT_FINETUNE_TRAINER)
+    return trainer.startswith(FINETUNE_TRAINER_PREFIXES)
 
 
 def resolve_arms(specs: Sequence[str] | None, pretrained_weights: str | None,
@@ -121,7 +123,7 @@ def resolve_arms(specs: Sequence[str] | None, pretrained_weights: str | None,
         resolved.append(arm)
     if require_weights and pretrained_weights and not used_flag:
         raise HySparKError("--pretrained_weights is given but no arm uses it",
-                           f"only arms with a {DEFAULT_FINETUNE_TRAINER}* trainer and no weights of their own "
+                           f"only arms with a {'* or '.join(FINETUNE_TRAINER_PREFIXES)}* trainer and no weights of their own "
                            "take it; give weights per arm as LABEL=TRAINER:WEIGHTS instead")
     return resolved
 
