@@ -270,6 +270,13 @@ def test_planner_and_benchmark_accept_mim(tmp_path):
     _validate_args(args)
     assert args.plans_name == "nnUNetHySparKPlans"
 
+    import argparse
+
+    from nnunet_hyspark.pretraining.methods import METHODS
+
+    with pytest.raises(HySparKError, match="multiple of 32"):  # hyspark_pretrain --method mim --patch-size 48 64 64
+        METHODS["mim"].build(dict(TINY), 1, argparse.Namespace(patch_size=[48, 64, 64], decoder_width=None))
+
     w = tmp_path / "w.pth"
     w.write_bytes(b"x")
     arms = resolve_arms(["scratch=nnUNetTrainerHySparK", f"mim=nnUNetTrainerMiMFinetune:{w}"], None)

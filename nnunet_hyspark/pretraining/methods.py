@@ -62,6 +62,14 @@ def _hyspark_export(model: HySparK, meta: dict[str, Any], path: Path) -> Path:
 
 def _build_mim(arch_kwargs: Mapping[str, Any], in_channels: int, args: argparse.Namespace) -> nn.Module:
     """MiM with the paper's level settings (nnunet_hyspark.models.mim); ``--decoder-width`` is honoured."""
+    from nnunet_hyspark.errors import HySparKError
+    from nnunet_hyspark.mim_levels import LEVEL_MULTIPLE
+
+    level_patch = getattr(args, "patch_size", None) or arch_kwargs.get("patch_size")
+    if level_patch and any(int(p) % LEVEL_MULTIPLE for p in level_patch):
+        raise HySparKError(f"MiM level patch {list(level_patch)}: every axis must be a multiple of {LEVEL_MULTIPLE} "
+                           "(the coarse mask groups halves of the 16^3 token grid)",
+                           "plan with hyspark_plan_and_preprocess --network mim, or give --patch-size in multiples of 32")
     keys = ("widths", "conv_depths", "vit_depth", "vit_heads", "vit_mlp_ratio")
     encoder = mim.MiMBackbone(in_channels, **{k: arch_kwargs[k] for k in keys if k in arch_kwargs})
     model = mim.MiM(encoder, decoder_width=getattr(args, "decoder_width", None))
