@@ -140,6 +140,19 @@ def test_halo_gather_gradcheck():
         assert torch.autograd.gradcheck(lambda t: gather_halo(t, layout, halo), (cells,))
 
 
+def test_spconv_voxel_indices_follow_cell_rows():
+    """The spconv backend (untested here: no GPU) addresses cell-batch rows by these coordinates."""
+    from nnunet_hyspark.sparse.blocks import dense_to_cells
+    from nnunet_hyspark.sparse.spconv_backend import voxel_indices
+
+    x, mask = _inputs((32, 48, 16), 2, 0.5)
+    x = x.expand(-1, 3, -1, -1, -1) * torch.tensor([1.0, 2.0, 3.0])[:, None, None, None]
+    layout = CellLayout.from_mask(mask)
+    rows = dense_to_cells(x, layout, 16).reshape(-1, 3)
+    b, i, j, k = voxel_indices(layout, 16, torch.device("cpu")).long().unbind(1)
+    assert torch.equal(rows, x[b, :, i, j, k])
+
+
 def test_backend_registry_errors():
     assert available_backends("cpu") == ["dense", "blocks"]
     assert isinstance(get_backend("blocks"), BlockSparseBackend)

@@ -155,19 +155,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the backend list, interleaved")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(AUTOCAST_DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run")
     args = parser.parse_args(argv)
     patch = args.patch[0] if len(args.patch) == 1 else args.patch
-    results = []
-    for spec in args.backends:
-        name, options = parse_backend_spec(spec)
-        r = time_encoder(name, args.batch, patch, args.widths, args.mask_ratio, args.steps, args.warmup,
-                         args.device, args.dtype, args.threads, backend_options=options)
-        r["label"] = spec
-        results.append(r)
-        print(f"{spec}: " + " ".join(f"{t:.3f}" for t in r["times_s"]), flush=True)
+    results = {spec: None for spec in args.backends}
+    for round_ in range(args.rounds):  # interleaved rounds: drift of a shared machine hits every backend
+        for spec in args.backends:
+            name, options = parse_backend_spec(spec)
+            r = time_encoder(name, args.batch, patch, args.widths, args.mask_ratio, args.steps, args.warmup,
+                             args.device, args.dtype, args.threads, backend_options=options)
+            print(f"round {round_ + 1} {spec}: " + " ".join(f"{t:.3f}" for t in r["times_s"]), flush=True)
+            if results[spec] is None:
+                results[spec] = dict(r, label=spec)
+            else:
+                results[spec]["times_s"] += r["times_s"]
+                results[spec]["peak_mem_bytes"] = max(results[spec]["peak_mem_bytes"], r["peak_mem_bytes"])
+    results = list(results.values())
+    for r in results:
+        r["median_s"] = statistics.median(r["times_s"])
+        r["samples_per_s"] = args.batch / r["median_s"]
     print(f"batch {args.batch}, patch {_patch(patch)}, widths {args.widths}, mask {args.mask_ratio}, "
           f"{args.dtype}, {args.device}, threads {results[0]['threads']}")
     print(format_table(results))

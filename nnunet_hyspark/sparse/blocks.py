@@ -18,9 +18,9 @@ the number of kept cells in the whole batch.
 * Max-pooling with window 2 never straddles a cell, so it is done per cell.
 * Every scale's output is scattered back into a dense zero map.
 
-At small cells the halo costs more than it saves (a 2^3 cell is read as 4^3),
-so from ``dense_from_scale`` on the backend converts to a dense map and
-continues with the reference dense-then-mask operators. All steps are
+At the smallest cells the halo costs as much as it saves (a 1^3 cell is read
+as 3^3), so from ``dense_from_scale`` on (default: scale 4) the backend converts
+to a dense map and continues with the reference dense-then-mask operators. All steps are
 differentiable tensor ops (index_select / index_copy / conv), so autograd gives
 the backward pass, and the modules' own parameters are used (no copies).
 """
@@ -36,10 +36,12 @@ from torch import nn
 from nnunet_hyspark.masking import ENCODER_STRIDE, upsample_mask
 from nnunet_hyspark.models.blocks import MedNeXtBlock
 
-#: First scale (0 = full resolution ... 4 = 1/16) run dense-then-mask by default. Measured on a
-#: 2-core CPU at 96^3, mask 0.75 (see benchmark.py): cells of 16^3, 8^3 and 4^3 pay off; 2^3 and
-#: 1^3 cells (scales 3 and 4) do not, since their halo makes the conv read 8x and 27x the voxels.
-DEFAULT_DENSE_FROM_SCALE = 3
+#: First scale (0 = full resolution ... 4 = 1/16) run dense-then-mask by default. Measured per
+#: stage (forward + backward, default widths, 96^3, mask 0.75, 2 CPU threads): cells win by about
+#: 2.5x at scale 2 (4^3 cells) and 1.6x at scale 3 (2^3 cells: the halo only adds reads, the convs'
+#: FLOPs still scale with the kept voxels); at scale 4 (1^3 cells, a 3^3 read per voxel) the two
+#: are even or dense is ahead, and that stage is tiny anyway.
+DEFAULT_DENSE_FROM_SCALE = 4
 
 
 # ----------------------------------------------------------------------------- cell layout
@@ -59,6 +61,7 @@ class CellLayout:
     kept: torch.Tensor  # (N,) int64
     cell_id: torch.Tensor  # (B, gx, gy, gz) int64, N where masked
     _tables: dict = field(default_factory=dict, repr=False)
+    scratch: dict = field(default_factory=dict, repr=False)  # per-forward state of a backend (spconv rulebooks)
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "CellLayout":
@@ -258,32 +261,44 @@ class BlockSparseBackend:
 
     def __call__(self, embeddings: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         layout = CellLayout.from_mask(mask.to(x.device))
-        expends = embeddings.expends()
+        as_cells = self.dense_from_scale > 0
+        h = dense_to_cells(x, layout, ENCODER_STRIDE) if as_cells else x
         feats: list[torch.Tensor] = []
-        h = x
-        for s, layer in enumerate(embeddings.layers()):
-            cell = ENCODER_STRIDE >> s
-            if s < self.dense_from_scale:  # cell batch, channels last
-                h = dense_to_cells(h, layout, cell) if s == 0 else pool_cells(h)
-                if s == 0:
-                    h = sparse_conv3d(h, layout, embeddings.stem)
-                for block in layer:
-                    h = sparse_block(h, layout, block)
-                if s < 4:
-                    h = sparse_conv3d(h, layout, expends[s])
-                    feats.append(cells_to_dense(h, layout, self.channels_last))
-            else:  # dense map, multiplied by the mask after every op (the reference semantics)
-                m = upsample_mask(mask, cell).to(x.device)
-                if s == 0:
-                    h = embeddings.stem(h * m) * m
-                elif s == self.dense_from_scale:
-                    h = cells_to_dense(pool_cells(h), layout, self.channels_last)
-                else:
-                    h = embeddings.down(h)
-                for block in layer:
-                    h = block(h) * m
-                if s < 4:
-                    h = expends[s](h) * m
-                    feats.append(h)
-        feats.append(h if self.dense_from_scale <= 4 else cells_to_dense(h, layout, self.channels_last))
+        for s in range(5):
+            if s > 0:
+                h = pool_cells(h) if as_cells else embeddings.down(h)
+            if as_cells and s >= self.dense_from_scale:  # small cells: switch to the dense reference
+                h = cells_to_dense(h, layout, self.channels_last)
+                as_cells = False
+            if as_cells:
+                h = self.cells_stage(embeddings, s, h, layout)
+                feats.append(cells_to_dense(h, layout, self.channels_last))
+            else:
+                h = dense_stage(embeddings, s, h, upsample_mask(mask, ENCODER_STRIDE >> s).to(x.device))
+                feats.append(h)
         return feats
+
+    def cells_stage(self, embeddings: nn.Module, s: int, cells: torch.Tensor, layout: CellLayout) -> torch.Tensor:
+        """Scale ``s`` on the cell batch: (stem,) MedNeXt blocks, (expend)."""
+        if s == 0:
+            cells = self.conv3d(cells, layout, embeddings.stem)
+        for block in embeddings.layers()[s]:
+            cells = sparse_block(cells, layout, block)
+        if s < 4:
+            cells = self.conv3d(cells, layout, embeddings.expends()[s])
+        return cells
+
+    def conv3d(self, cells: torch.Tensor, layout: CellLayout, conv: nn.Conv3d) -> torch.Tensor:
+        """The full k^3 convs (stem, expend); a subclass may run them elsewhere (see spconv_backend)."""
+        return sparse_conv3d(cells, layout, conv)
+
+
+def dense_stage(embeddings: nn.Module, s: int, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scale ``s`` as the dense reference does it: every op dense, its output multiplied by ``mask``."""
+    if s == 0:
+        h = embeddings.stem(h * mask) * mask
+    for block in embeddings.layers()[s]:
+        h = block(h) * mask
+    if s < 4:
+        h = embeddings.expends()[s](h) * mask
+    return h
