@@ -464,6 +464,12 @@ def _print_summary(name: str, plans_file: str, configurations: Sequence[str], no
             est = estimate_training_memory(cm.patch_size, cm.batch_size, len(_channels(dataset_json)),
                                            max(2, len(dataset_json["labels"])), **arch)
             line += f", estimated training memory {est.total_gb:.1f} GB"
+        elif cm.network_arch_class_name.endswith("MiMUNet"):
+            from nnunet_hyspark.models.mim_unet import estimate_training_memory as mim_estimate
+
+            est = mim_estimate(cm.patch_size, cm.batch_size, len(_channels(dataset_json)),
+                               max(2, len(dataset_json["labels"])), **{k: v for k, v in kw.items() if k != "patch_size"})
+            line += f", estimated training memory {est.total_gb:.1f} GB (pre-training reads crops of 2x the patch)"
         elif cm.network_arch_class_name.endswith("HiEndUNETR"):
             from nnunet_hyspark.models.unetr import estimate_training_memory_gb
 

@@ -223,8 +223,8 @@ def count_parameters(input_channels: int = 1, num_classes: int = 2, **arch) -> i
 def activation_bytes_per_sample(patch_size: Sequence[int], input_channels: int = 1, num_classes: int = 2,
                                 widths: Sequence[int] = DEFAULT_WIDTHS, conv_depths: Sequence[int] = DEFAULT_CONV_DEPTHS,
                                 vit_depth: int = 11, vit_heads: int = 12, vit_mlp_ratio: float = 4.0,
-                                fifth_stage: bool = True, fifth_width: int | None = None, feature_size: int = 48,
-                                **_) -> float:
+                                fifth_stage: bool = True, fifth_width: int | None = None, feature_size: int = 48
+                                ) -> float:
     """Bytes autograd keeps for one sample under autocast: a per-voxel count per layer, like
     :mod:`nnunet_hyspark.memory` does for HySparKUNet but coarser (2 bytes per fp16 tensor, 4 per fp32
     norm input/output; ~22C + 4rC per conv block, 10C per down conv, ViT ``22D + 4mD + 4hL`` per token,
@@ -253,6 +253,7 @@ def estimate_training_memory(patch_size: Sequence[int], batch_size: int, input_c
     """A :class:`nnunet_hyspark.memory.MemoryEstimate` for MiMUNet (AdamW, autocast, deep supervision)."""
     from nnunet_hyspark.memory import BYTES_PER_PARAMETER, GB, OVERHEAD_GB, MemoryEstimate
 
+    arch = {k: v for k, v in arch.items() if k in ARCH_KEYS}  # plans' arch_kwargs also hold patch_size, strides
     params = count_parameters(input_channels, num_classes, **arch)
     act = activation_bytes_per_sample(patch_size, input_channels, num_classes, **arch)
     return MemoryEstimate(activations_per_sample=act, batch_size=int(batch_size), parameters=params,
