@@ -122,6 +122,8 @@ def test_reference_decoder_leaves_full_resolution_skip_unused_unless_asked():
         model(x)["loss"].backward()
         grad = model.densify_proj[4].weight.grad
         assert (grad is not None and grad.abs().sum() > 0) == expect_grad
+        assert model.densify_proj[4].weight.requires_grad == expect_grad  # frozen, so DDP accepts it
+        assert "densify_proj.4.weight" in model.state_dict()  # kept, so checkpoints compare
 
 
 def test_reconstruction_preview_keeps_visible_patches():

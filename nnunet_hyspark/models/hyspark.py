@@ -54,7 +54,7 @@ class LightDecoder(nn.Module):
         self.proj = nn.Conv3d(c_full, out_channels, 1)
 
     def forward(self, projected: list[torch.Tensor]) -> torch.Tensor:
-        """``projected`` = densified skips, smallest first: [x5, x4, x3, x2, x1] at decoder widths."""
+        """``projected`` = densified skips, smallest first: [x5, x4, x3, x2(, x1)] at decoder widths."""
         x = projected[0]
         for i, step in enumerate(self.steps):
             x = step(x, projected[i] if i > 0 else None)
@@ -116,7 +116,14 @@ class HySparK(nn.Module):
             nn.Conv3d(c, d, 1 if i == 0 else 3, padding=0 if i == 0 else 1)
             for i, (c, d) in enumerate(zip(skip_channels, dec)))
         self.decoder = LightDecoder(width, encoder.in_channels, fuse_full_resolution)
+        self.fuse_full_resolution = fuse_full_resolution
         self._init_weights()
+        if not fuse_full_resolution:
+            # The reference keeps the full-resolution mask token and projection but never uses them.
+            # We keep them too (checkpoints compare) but frozen: DDP requires every trained parameter
+            # to get a gradient, and skipping the unused full-resolution conv saves time.
+            for p in (*self.mask_tokens[4:].parameters(), *self.densify_proj[4].parameters()):
+                p.requires_grad_(False)
 
     def _init_weights(self) -> None:
         for token in self.mask_tokens:
@@ -141,8 +148,9 @@ class HySparK(nn.Module):
     def densify(self, feats: list[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
         """Fill masked positions with the per-scale mask tokens and project; smallest scale first."""
         masks = masks_per_scale(mask)  # resolutions 1 ... 1/16, aligned with [x1 ... x5]
+        used = 5 if self.fuse_full_resolution else 4
         out = []
-        for i, (feat, m) in enumerate(zip(reversed(feats), reversed(masks))):
+        for i, (feat, m) in enumerate(list(zip(reversed(feats), reversed(masks)))[:used]):
             m = m.to(feat.dtype)
             filled = feat * m + self.mask_tokens[i].to(feat.dtype) * (1 - m)
             out.append(self.densify_proj[i](filled))
