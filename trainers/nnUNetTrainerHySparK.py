@@ -72,5 +72,6 @@ class nnUNetTrainerHySparK_test(nnUNetTrainerHySparK):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self, epochs=3, iterations=12, val_iterations=2)
+        # the tiny network learns the synthetic liver (Dice ~0.8) within ~60 iterations at this rate
+        _short_schedule(self, epochs=4, iterations=15, val_iterations=2)
         self.initial_lr = 3e-3

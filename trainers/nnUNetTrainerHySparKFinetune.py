@@ -162,7 +162,7 @@ class nnUNetTrainerHySparKFinetune_test(nnUNetTrainerHySparKFinetune):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self, epochs=3, iterations=12, val_iterations=2)
+        _short_schedule(self, epochs=2, iterations=5, val_iterations=1)  # checks loading, not accuracy
         self.initial_lr = 3e-3
         self.warmup_epochs = 1
 

@@ -8,6 +8,7 @@ is a no-op context of world size 1.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,9 @@ class GlooSyncBatchNorm(nn.BatchNorm3d):
         dims = [0, 2, 3, 4]
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-        stats = all_reduce(stats)
+        with warnings.catch_warnings():  # its deprecation points to a private module; this is the public API
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = all_reduce(stats)
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
