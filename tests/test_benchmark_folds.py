@@ -313,14 +313,14 @@ def test_dry_run_prints_commands_and_runs_nothing(nn, capsys):
     (fold_dir(nn["res"], FINETUNE, 1)).mkdir(parents=True)  # half-finished: resumed
     (fold_dir(nn["res"], FINETUNE, 1) / "checkpoint_latest.pth").write_bytes(b"")
     status, out, _ = cli(["folds", *base_args(nn, "-f", "0", "1", "--pretrained_weights", str(nn["weights"]),
-                                              "--dry-run")], capsys)
+                                              "--dry-run", "--device", "cpu")], capsys)
     assert status == 0
     w = str(nn["weights"])
     lines = [line.split("   #")[0] for line in out.splitlines() if line.startswith("nnUNetv2_train")]
     assert lines == [
-        f"nnUNetv2_train 1 {CONF} 0 -tr {FINETUNE} -p {PLANS} -pretrained_weights {w}",
-        f"nnUNetv2_train 1 {CONF} 1 -tr {SCRATCH} -p {PLANS}",
-        f"nnUNetv2_train 1 {CONF} 1 -tr {FINETUNE} -p {PLANS} --c",
+        f"nnUNetv2_train 1 {CONF} 0 -tr {FINETUNE} -p {PLANS} -device cpu -pretrained_weights {w}",
+        f"nnUNetv2_train 1 {CONF} 1 -tr {SCRATCH} -p {PLANS} -device cpu",
+        f"nnUNetv2_train 1 {CONF} 1 -tr {FINETUNE} -p {PLANS} -device cpu --c",
     ]
     assert "scratch fold 0: finished, skipped" in out
     outdir = F.default_output_dir(nn["res"], DS, PLANS, CONF)

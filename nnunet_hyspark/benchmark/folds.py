@@ -158,6 +158,7 @@ class BenchmarkSpec:
     splits: splits_mod.Splits | None = None
     splits_source: str | None = None
     compare: tuple[str, str] | None = None
+    device: str | None = None  # nnUNetv2_train -device; where it runs is not part of the identity
 
     def identity(self) -> dict:
         """What must match for a re-run to resume rather than be a different benchmark."""
@@ -315,6 +316,8 @@ def train_command(spec: BenchmarkSpec, arm: Arm, fold: int, resume: bool) -> lis
     are already inside the checkpoint, so they are dropped.
     """
     cmd = [TRAIN_EXECUTABLE, spec.dataset_arg, spec.configuration, str(fold), "-tr", arm.trainer, "-p", spec.plans]
+    if spec.device:
+        cmd += ["-device", spec.device]
     if resume:
         cmd.append("--c")
     elif arm.weights:

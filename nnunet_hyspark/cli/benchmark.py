@@ -66,6 +66,16 @@ def add_folds_arguments(parser: argparse.ArgumentParser) -> None:
                              "with the inherited environment)")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the exact nnUNetv2_train commands and run nothing")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"],
+                        help="nnUNetv2_train -device; auto = cuda when a GPU is visible, else cpu")
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_folds(args: argparse.Namespace) -> int:
@@ -78,6 +88,7 @@ def run_folds(args: argparse.Namespace) -> int:
         raise HySparKError(f"--gpus lists a GPU twice: {' '.join(args.gpus)}", "list each GPU id once")
     spec = build_spec(args.dataset, args.configuration, args.plans, args.arms, args.pretrained_weights,
                       args.folds, args.splits, args.output, args.compare)
+    spec.device = _resolve_device(args.device)
     return run_benchmark(spec, gpus=args.gpus, dry_run=args.dry_run, force=args.force)
 
 
