@@ -83,19 +83,20 @@ def _time_in_process(backend: str, batch: int, patch, widths, mask_ratio: float,
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         mem_before = torch.cuda.memory_allocated(dev)
-    times = []
+    times, cpu_times = [], []
     for i, mask in enumerate(masks):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(mask)
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - mem_before
     else:  # ru_maxrss is in KiB on Linux
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     median = statistics.median(times)
     return {"backend": backend, "median_s": median, "samples_per_s": batch / median, "peak_mem_bytes": int(peak),
-            "times_s": times, "batch": batch, "patch": patch, "device": str(dev), "dtype": dtype,
+            "median_cpu_s": statistics.median(cpu_times), "times_s": times, "cpu_times_s": cpu_times, "batch": batch, "patch": patch, "device": str(dev), "dtype": dtype,
             "threads": torch.get_num_threads()}
 
 
@@ -109,7 +110,9 @@ def time_encoder(backend: str, batch: int = 2, patch: int | Sequence[int] = 96,
     (e.g. ``{"dense_from_scale": 4}`` for ``blocks``). ``isolate`` (default: on CPU) runs the
     measurement in a fresh process so that ``peak_mem_bytes`` (peak RSS growth during the steps)
     is this run's alone; on CUDA the peak is ``max_memory_allocated`` growth.
-    Returns a dict with ``median_s``, ``samples_per_s``, ``peak_mem_bytes`` and the raw ``times_s``.
+    Returns a dict with ``median_s`` (wall), ``samples_per_s``, ``peak_mem_bytes``, ``median_cpu_s``
+    (process CPU time of a step: all threads, less sensitive than wall time to other processes
+    on a shared machine) and the raw ``times_s`` / ``cpu_times_s``.
     """
     if dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(AUTOCAST_DTYPES)}, got {dtype!r}")
@@ -137,11 +140,14 @@ def parse_backend_spec(spec: str) -> tuple[str, dict | None]:
 
 
 def format_table(results: list[dict]) -> str:
-    base = results[0]["median_s"]
-    lines = [f"{'backend':<24} {'median s':>9} {'samples/s':>10} {'peak MiB':>9} {'speed-up':>9}"]
+    base, base_cpu = results[0]["median_s"], results[0]["median_cpu_s"]
+    width = max(24, *(len(r["label"]) for r in results))
+    lines = [f"{'backend':<{width}} {'median s':>9} {'samples/s':>10} {'peak MiB':>9} {'speed-up':>9} "
+             f"{'CPU s':>8} {'CPU speed-up':>12}"]
     for r in results:
-        lines.append(f"{r['label']:<24} {r['median_s']:>9.3f} {r['samples_per_s']:>10.3f} "
-                     f"{r['peak_mem_bytes'] / 2 ** 20:>9.0f} {base / r['median_s']:>8.2f}x")
+        lines.append(f"{r['label']:<{width}} {r['median_s']:>9.3f} {r['samples_per_s']:>10.3f} "
+                     f"{r['peak_mem_bytes'] / 2 ** 20:>9.0f} {base / r['median_s']:>8.2f}x "
+                     f"{r['median_cpu_s']:>8.2f} {base_cpu / r['median_cpu_s']:>11.2f}x")
     return "\n".join(lines)
 
 
@@ -172,10 +178,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 results[spec] = dict(r, label=spec)
             else:
                 results[spec]["times_s"] += r["times_s"]
+                results[spec]["cpu_times_s"] += r["cpu_times_s"]
                 results[spec]["peak_mem_bytes"] = max(results[spec]["peak_mem_bytes"], r["peak_mem_bytes"])
     results = list(results.values())
     for r in results:
         r["median_s"] = statistics.median(r["times_s"])
+        r["median_cpu_s"] = statistics.median(r["cpu_times_s"])
         r["samples_per_s"] = args.batch / r["median_s"]
     print(f"batch {args.batch}, patch {_patch(patch)}, widths {args.widths}, mask {args.mask_ratio}, "
           f"{args.dtype}, {args.device}, threads {results[0]['threads']}")

@@ -20,9 +20,16 @@ the number of kept cells in the whole batch.
 
 At the smallest cells the halo costs as much as it saves (a 1^3 cell is read
 as 3^3), so from ``dense_from_scale`` on (default: scale 4) the backend converts
-to a dense map and continues with the reference dense-then-mask operators. All steps are
-differentiable tensor ops (index_select / index_copy / conv), so autograd gives
-the backward pass, and the modules' own parameters are used (no copies).
+to a dense map and continues with the reference dense-then-mask operators.
+
+All steps are differentiable tensor ops (index_select / index_copy / conv /
+pool), so autograd gives the backward pass (the one hand-written backward is a
+transposition, ``TransposeSamples``), and the modules' own parameters are used.
+
+Outputs are dense maps in contiguous channels-first memory like the dense
+backend's (``channels_last=True`` skips that final transposition). Under
+autocast they keep the autocast dtype, where the dense backend's mask multiply
+promotes them to float32.
 """
 from __future__ import annotations
 
@@ -47,7 +54,7 @@ DEFAULT_DENSE_FROM_SCALE = 4
 # ----------------------------------------------------------------------------- cell layout
 
 
-@dataclass
+@dataclass(eq=False)
 class CellLayout:
     """Which cells of the (B, gx, gy, gz) grid are kept, and lookup tables derived from that.
 
