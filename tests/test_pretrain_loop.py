@@ -130,3 +130,21 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     state = torch.load(tmp_path / "checkpoint_latest.pth", weights_only=False)
     assert state["step"] == 3  # the end of epoch 1, the last good state
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_bf16_autocast_runs_on_the_cpu_when_asked(tmp_path):
+    t = make_trainer(tmp_path, epochs=1, iterations=2)
+    t.cfg.precision = "bf16"
+    lr, loss = t.train_step(next(constant_batches()))
+    assert 0.5 < loss < 1.5
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())  # autocast, not a bf16 model
+
+
+def test_fp16_is_refused_on_the_cpu(tmp_path):
+    from nnunet_hyspark.errors import HySparKError
+
+    torch.manual_seed(0)
+    cfg = LoopConfig(epochs=1, iterations_per_epoch=1, precision="fp16")
+    with pytest.raises(HySparKError, match="fp16 needs CUDA"):
+        Pretrainer(HySparK(HybridEncoder(1, **TINY), decoder_width=32), METHODS["hyspark"], cfg,
+                   constant_batches(), None, tmp_path, {}, torch.device("cpu"), progress=False)
