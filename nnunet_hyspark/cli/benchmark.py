@@ -112,6 +112,18 @@ def run_summarize(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- registry
 
+def _speed_add_arguments(parser: argparse.ArgumentParser) -> None:
+    from nnunet_hyspark.benchmark.speed import add_arguments
+
+    add_arguments(parser)
+
+
+def _speed_run(args: argparse.Namespace) -> int:
+    from nnunet_hyspark.benchmark.speed import run
+
+    return run(args)
+
+
 def subcommands() -> dict[str, Subcommand]:
     """All subcommands, in --help order. EXTENSION POINT: add new subcommands here."""
     return {
@@ -134,6 +146,15 @@ def subcommands() -> dict[str, Subcommand]:
                         "manifest are used.",
             add_arguments=add_summarize_arguments,
             run=run_summarize,
+        ),
+        "speed": Subcommand(
+            help="time the sparse backends: encoder alone, full pre-training step, data pipeline",
+            description="In one run on this machine: median forward+backward+AdamW step time, samples per second "
+                        "and peak memory of the masked encoder and of the full HySparK pre-training step for each "
+                        "backend, with ratios against the first backend (dense); optionally crops per second of "
+                        "the pre-training data pipeline. Writes OUTPUT/speed.json and OUTPUT/speed.md.",
+            add_arguments=_speed_add_arguments,
+            run=_speed_run,
         ),
     }
 

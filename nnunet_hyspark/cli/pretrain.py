@@ -108,6 +108,18 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+def check_sparse_backend(name: str) -> None:
+    """Unknown backends, or spconv without CUDA, end in one line instead of a traceback mid-run."""
+    from nnunet_hyspark.sparse import get_backend
+
+    if name == "dense":
+        return
+    try:
+        get_backend(name)
+    except (ValueError, RuntimeError, ImportError) as e:
+        raise HySparKError(f"--sparse-backend {name}: {e}") from None
+
+
 def default_output(dataset_name: str, method: str, plans: str, configuration: str) -> Path:
     return Path(os.environ["nnUNet_results"]) / dataset_name / f"{method}_pretrain__{plans}__{configuration}"
 
@@ -144,6 +156,7 @@ def run(args: argparse.Namespace) -> Path | None:
     if args.epochs < 1 or args.iterations < 1:
         raise HySparKError("--epochs and --iterations must be at least 1")
     device = resolve_device(args.device)
+    check_sparse_backend(args.sparse_backend)
     dist = DistContext.from_environment(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)

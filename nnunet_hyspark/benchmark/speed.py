@@ -1,0 +1,179 @@
+"""``hyspark_benchmark speed``: time the sparse backends, in one run on one machine.
+
+For each backend it times the masked encoder alone and the full HySparK pre-training step
+(forward, backward, AdamW), and optionally the data pipeline alone (crops per second from
+preprocessed data). Reports median step time, samples per second, peak memory and the ratio
+against ``dense``, with the device and thread count, as JSON and a markdown table. Figures
+on a shared machine are noisy: compare the ratios of one run, not numbers across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import platform
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from nnunet_hyspark.sparse.benchmark import AUTOCAST_DTYPES, _current_rss_bytes, _patch, _widths, time_encoder
+
+
+def _time_pretrain_step(backend: str, batch: int, patch, widths, mask_ratio: float, steps: int, warmup: int,
+                        device: str, dtype: str, num_threads: int | None, seed: int) -> dict:
+    """Median time of a full HySparK step (encoder + densify + light decoder + loss + AdamW)."""
+    from nnunet_hyspark.models.encoder import HybridEncoder
+    from nnunet_hyspark.models.hyspark import HySparK
+
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    patch = _patch(patch)
+    model = HySparK(HybridEncoder(1, widths=_widths(widths)), mask_ratio=mask_ratio, sparse_backend=backend).to(dev)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randn(batch, 1, *patch, device=dev)
+    gen = torch.Generator().manual_seed(seed)
+    masks = [model.random_mask(x, gen) for _ in range(warmup + steps)]
+    autocast = AUTOCAST_DTYPES[dtype]
+    rss_before = _current_rss_bytes()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        mem_before = torch.cuda.memory_allocated(dev)
+    times = []
+    for i, mask in enumerate(masks):
+        start = time.perf_counter()
+        with torch.autocast(dev.type, dtype=autocast) if autocast is not None else nullcontext():
+            loss = model(x, mask)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) - mem_before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    median = statistics.median(times)
+    return {"backend": backend, "median_s": median, "samples_per_s": batch / median, "peak_mem_bytes": int(peak),
+            "times_s": times, "threads": torch.get_num_threads(), "device": str(dev), "dtype": dtype}
+
+
+def time_pretrain_step(backend: str, batch: int = 2, patch=96, widths="base", mask_ratio: float = 0.75,
+                       steps: int = 3, warmup: int = 1, device: str = "cpu", dtype: str = "fp32",
+                       num_threads: int | None = None, seed: int = 0) -> dict:
+    """Like :func:`nnunet_hyspark.sparse.benchmark.time_encoder`, for the whole pre-training step; on the CPU
+    in a fresh process so that the peak resident memory is this measurement's alone."""
+    args = (backend, batch, patch, widths, mask_ratio, steps, warmup, device, dtype, num_threads, seed)
+    if torch.device(device).type != "cpu":
+        return _time_pretrain_step(*args)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_time_pretrain_step, *args).result()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backends", nargs="+", default=["dense", "blocks"], help="first one is the baseline")
+    parser.add_argument("--what", nargs="+", default=["encoder", "pretrain"], choices=["encoder", "pretrain", "data"],
+                        help="encoder alone, the full pre-training step, and/or the data pipeline (needs -d)")
+    parser.add_argument("-b", "--batch", type=int, default=2)
+    parser.add_argument("--patch", type=int, nargs="+", default=[96], help="one size (cubic) or three")
+    parser.add_argument("--widths", default="base", help="base, tiny, or five comma-separated widths")
+    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup untimed ones)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=sorted(AUTOCAST_DTYPES))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("-d", dest="dataset", default=None, help="preprocessed dataset for --what data")
+    parser.add_argument("-p", dest="plans", default="nnUNetHySparKPlans")
+    parser.add_argument("--output", default="speed_benchmark", help="folder for speed.json and speed.md")
+
+
+def _markdown(header: dict, rows: list[dict]) -> str:
+    lines = [f"# hyspark_benchmark speed", "",
+             f"device: {header['device']} ({header['device_name']}), torch threads: {header['threads']}, "
+             f"precision: {header['precision']}, batch {header['batch']}, patch {header['patch']}, "
+             f"widths {header['widths']}, mask ratio {header['mask_ratio']}, torch {header['torch']}", "",
+             "| what | backend | median step s | samples/s | peak memory MiB | speed vs first | memory vs first |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['what']} | {r['backend']} | {r['median_s']:.3f} | {r['samples_per_s']:.3f} | "
+                     f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['speedup']:.2f}x | {r['memory_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {multiprocessing.cpu_count()} cores"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(args: argparse.Namespace) -> int:
+    from nnunet_hyspark.cli.pretrain import check_sparse_backend
+    from nnunet_hyspark.errors import HySparKError
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise HySparKError("--device cuda but no CUDA device is visible", "use --device cpu")
+    for b in args.backends:
+        check_sparse_backend(b)  # unknown / unsafe (spconv on CPU) backends fail here, in one line
+    patch = tuple(args.patch) * 3 if len(args.patch) == 1 else tuple(args.patch)
+    header = {"device": args.device, "threads": args.threads or torch.get_num_threads(),
+              "device_name": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
+              "precision": args.precision, "batch": args.batch, "patch": list(patch),
+              "widths": args.widths, "mask_ratio": args.mask_ratio, "torch": torch.__version__}
+    rows = []
+    timers = {"encoder": time_encoder, "pretrain": time_pretrain_step}
+    for what in [w for w in args.what if w in timers]:
+        base = None
+        for backend in args.backends:
+            r = timers[what](backend, batch=args.batch, patch=patch, widths=args.widths, mask_ratio=args.mask_ratio,
+                             steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.precision,
+                             num_threads=args.threads)
+            base = base or r
+            rows.append({"what": what, "backend": backend, "median_s": r["median_s"],
+                         "samples_per_s": r["samples_per_s"], "peak_mem_bytes": r["peak_mem_bytes"],
+                         "speedup": base["median_s"] / r["median_s"],
+                         "memory_ratio": r["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1), "times_s": r["times_s"]})
+            print(f"{what:8s} {backend:10s} {r['median_s']:.3f} s/step  {r['samples_per_s']:.3f} samples/s  "
+                  f"peak {r['peak_mem_bytes'] / 2**20:.0f} MiB  {rows[-1]['speedup']:.2f}x vs {args.backends[0]}",
+                  flush=True)
+    result = {"header": header, "rows": rows}
+    if "data" in args.what:
+        result["data"] = _data_pipeline(args, patch)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(result, indent=2))
+    md = _markdown(header, rows)
+    if "data" in result:
+        d = result["data"]
+        md += (f"\ndata pipeline: {d['crops_per_second']:.1f} crops/s at patch {list(d['patch_size'])} "
+               f"({d['num_workers']} workers, {d['augmentation']})\n")
+    (out / "speed.md").write_text(md)
+    print("\n" + md + f"\nwritten: {out / 'speed.json'}, {out / 'speed.md'}")
+    return 0
+
+
+def _data_pipeline(args: argparse.Namespace, patch) -> dict:
+    from nnunet_hyspark.errors import HySparKError
+    from nnunet_hyspark.pretrain_data import PretrainDataConfig, measure_crops_per_second
+
+    if args.dataset is None:
+        raise HySparKError("--what data needs a preprocessed dataset", "pass -d ID")
+    cfg = PretrainDataConfig([args.dataset], plans_identifier=args.plans, batch_size=args.batch)
+    r = measure_crops_per_second(cfg, seconds=10.0)
+    print(f"data     {r['crops_per_second']:.1f} crops/s at patch {r['patch_size']}")
+    return r

@@ -1,0 +1,28 @@
+"""hyspark_benchmark speed: one run times every backend for the encoder and the full step, writes JSON + markdown."""
+import json
+
+import pytest
+
+from nnunet_hyspark.cli.benchmark import main
+
+
+def test_speed_writes_a_table_with_ratios_against_dense(tmp_path, capsys):
+    main(["speed", "--widths", "tiny", "--patch", "32", "--steps", "1", "--warmup", "0", "--threads", "1",
+          "--output", str(tmp_path)])
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert result["header"]["threads"] == 1 and result["header"]["device"] == "cpu"
+    rows = {(r["what"], r["backend"]): r for r in result["rows"]}
+    assert set(rows) == {("encoder", "dense"), ("encoder", "blocks"), ("pretrain", "dense"), ("pretrain", "blocks")}
+    for what in ("encoder", "pretrain"):
+        dense, blocks = rows[(what, "dense")], rows[(what, "blocks")]
+        assert dense["speedup"] == 1.0
+        assert blocks["speedup"] == pytest.approx(dense["median_s"] / blocks["median_s"])
+        assert blocks["median_s"] > 0 and blocks["peak_mem_bytes"] > 0
+    md = (tmp_path / "speed.md").read_text()
+    assert "| encoder | blocks |" in md and "torch threads: 1" in md
+
+
+def test_speed_refuses_spconv_on_the_cpu(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["speed", "--backends", "dense", "spconv", "--output", str(tmp_path)])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error:")
