@@ -58,17 +58,18 @@ def _forward_backward(emb: CNNEmbeddings, x: torch.Tensor, mask: torch.Tensor, b
     outs = backend(emb, x, mask) if callable(backend) else run_masked_cnn(emb, x, mask, backend)
     if upstream is None:
         gen = torch.Generator().manual_seed(123)
-        upstream = [torch.randn(o.shape, generator=gen) for o in outs]
+        upstream = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs]
     torch.autograd.backward(outs, upstream)
     grads = {"input": x.grad}
     grads.update({name: p.grad for name, p in emb.named_parameters()})
     return [o.detach() for o in outs], grads, upstream
 
 
-def _compare_with_dense(backend, shape, batch, ratio, mask=None):
-    emb = _embeddings()
+def _compare_with_dense(backend, shape, batch, ratio, mask=None, device="cpu"):
+    emb = _embeddings().to(device)
     x, random_mask = _inputs(shape, batch, ratio)
     mask = random_mask if mask is None else mask
+    x, mask = x.to(device), mask.to(device)
     ref_out, ref_grads, upstream = _forward_backward(emb, x, mask, "dense")
     out, grads, _ = _forward_backward(emb, x, mask, backend, upstream)
     assert [o.shape for o in out] == [o.shape for o in ref_out]
@@ -91,6 +92,17 @@ def test_forward_and_gradients_match_dense(backend, shape, batch, ratio):
 def test_blocks_configurations_match_dense(options):
     """Cells at every scale (down to 1^3), the dense fallback from any scale, channels-last outputs."""
     _compare_with_dense(get_backend("blocks", **options), (32, 48, 16), 3, 0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape,batch,ratio", CASES[1:3])
+def test_cuda_backends_match_dense(shape, batch, ratio):
+    """On a GPU machine: every backend available there (spconv too, when installed)."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for backend in available_backends("cuda"):
+        if backend != "dense":
+            _compare_with_dense(backend, shape, batch, ratio, device="cuda")
 
 
 def test_uneven_masks_and_isolated_cells():

@@ -9,11 +9,14 @@ within float tolerance, the same values and gradients as the ``dense`` reference
 Backends:
 
 * ``dense``  - the reference (handled by ``run_masked_cnn`` itself; listed here for completeness).
-* ``blocks`` - this project's block-sparse execution on kept 16^3 cells (any device).
-* ``spconv`` - spconv submanifold convolutions; CUDA only, needs the optional ``spconv``
-  package; imported only when requested. Untested in this repository's CI (no GPU).
+* ``blocks`` - this project's block-sparse execution on the kept cells (any device; see
+  ``blocks.py``). Options: ``dense_from_scale`` (default 4), ``channels_last`` (default False).
+* ``spconv`` - ``blocks`` with its full convs (stem, expend) run as spconv submanifold
+  convolutions; CUDA only, needs the optional ``spconv`` package, imported only when requested.
+  UNTESTED here (no GPU, no spconv): run tests/test_sparse_backends.py on a CUDA machine first.
 
-Use ``HybridEncoder.forward(x, mask, backend=name)``; ``get_backend(name)`` returns the callable.
+Use ``HybridEncoder.forward(x, mask, backend=name)``; ``get_backend(name, **options)`` returns
+the callable.
 """
 from __future__ import annotations
 

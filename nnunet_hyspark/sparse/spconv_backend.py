@@ -77,7 +77,7 @@ class SpconvBackend(BlockSparseBackend):
         sparse_in = template.replace_feature(features)
         out = torch.func.functional_call(
             self._executor(conv, cell, cells.device),
-            {"weight": conv.weight.permute(0, 2, 3, 4, 1), "bias": conv.bias}, (sparse_in,))
+            {"weight": conv.weight.permute(0, 2, 3, 4, 1).contiguous(), "bias": conv.bias}, (sparse_in,))
         layout.scratch[key] = out  # same indices (submanifold), now with the rulebook cached
         return out.features.view(n, cell, cell, cell, -1)
 
