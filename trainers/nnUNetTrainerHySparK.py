@@ -63,7 +63,7 @@ class nnUNetTrainerHySparK_demo(nnUNetTrainerHySparK):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _short_schedule(self, epochs=8, iterations=25, val_iterations=4)
-        self.initial_lr = 3e-3
+        self.initial_lr = 1e-3
 
 
 class nnUNetTrainerHySparK_test(nnUNetTrainerHySparK):
@@ -72,6 +72,7 @@ class nnUNetTrainerHySparK_test(nnUNetTrainerHySparK):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        # the tiny network learns the synthetic liver (Dice ~0.8) within ~60 iterations at this rate
-        _short_schedule(self, epochs=4, iterations=15, val_iterations=2)
-        self.initial_lr = 3e-3
+        # the tiny network learns the synthetic liver (Dice ~0.7-0.8) in 90 iterations at 1e-3; at 3e-3
+        # it sometimes collapsed to background (nnU-Net training is not seeded)
+        _short_schedule(self, epochs=6, iterations=15, val_iterations=2)
+        self.initial_lr = 1e-3

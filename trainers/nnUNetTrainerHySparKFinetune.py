@@ -154,7 +154,7 @@ class nnUNetTrainerHySparKFinetune_demo(nnUNetTrainerHySparKFinetune):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _short_schedule(self, epochs=8, iterations=25, val_iterations=4)
-        self.initial_lr = 3e-3
+        self.initial_lr = 1e-3
         self.warmup_epochs = 1
 
 
