@@ -134,3 +134,17 @@ def init_vit_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def decode_with_deep_supervision(h: torch.Tensor, steps, skips, heads, deep_supervision: bool):
+    """Run decoder steps deepest first (``h = step(h, skip)``), in nnU-Net's output convention:
+    with deep supervision a list of logits from every step, largest first; else the last head's logits."""
+    outputs = []
+    for step, skip, head in zip(steps, skips, heads):
+        h = step(h, skip)
+        if deep_supervision:
+            outputs.append(head(h))
+    if not deep_supervision:
+        return heads[-1](h)
+    return outputs[::-1]
+

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from nnunet_hyspark.errors import HySparKError
-from nnunet_hyspark.models.blocks import ChannelLayerNorm, ResBlock
+from nnunet_hyspark.models.blocks import ChannelLayerNorm, ResBlock, decode_with_deep_supervision
 from nnunet_hyspark.models.mim import DEFAULT_CONV_DEPTHS, DEFAULT_WIDTHS, MiMBackbone
 
 NETWORK_CLASS_NAME = "nnunet_hyspark.models.mim_unet.MiMUNet"
@@ -87,15 +87,8 @@ class MiMUNetDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, stages: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         skips = [block(f) for block, f in zip(self.skip_blocks, [x, *stages[:3]])] + stages[3:-1]
-        h = self.bottleneck(stages[-1])
-        outputs = []
-        for up, skip, head in zip(self.ups, reversed(skips), self.seg_layers):
-            h = up(h, skip)
-            if self.deep_supervision:
-                outputs.append(head(h))
-        if not self.deep_supervision:
-            return self.seg_layers[-1](h)
-        return outputs[::-1]  # nnU-Net wants the full-resolution logits first
+        return decode_with_deep_supervision(self.bottleneck(stages[-1]), self.ups, list(reversed(skips)),
+                                            self.seg_layers, self.deep_supervision)
 
 
 class MiMUNet(nn.Module):

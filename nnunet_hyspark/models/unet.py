@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nnunet_hyspark.models.blocks import MedNeXtBlock, MedNeXtUpBlock, ResBlock
+from nnunet_hyspark.models.blocks import MedNeXtBlock, MedNeXtUpBlock, ResBlock, decode_with_deep_supervision
 from nnunet_hyspark.models.encoder import (DEFAULT_DEPTHS, DEFAULT_EXPANSIONS, DEFAULT_WIDTHS, HybridEncoder,
                                            check_divisible)
 
@@ -47,15 +47,8 @@ class HySparKDecoder(nn.Module):
 
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         x1, x2, x3, x4, x5 = skips
-        h = x5
-        outputs = []
-        for step, skip, head in zip(self.steps, (x4, x3, x2, x1), self.seg_layers):
-            h = step(h, skip)
-            if self.deep_supervision:
-                outputs.append(head(h))
-        if not self.deep_supervision:
-            return self.seg_layers[-1](h)
-        return outputs[::-1]  # nnU-Net wants the full-resolution logits first
+        return decode_with_deep_supervision(x5, self.steps, (x4, x3, x2, x1), self.seg_layers,
+                                            self.deep_supervision)
 
 
 class HySparKUNet(nn.Module):

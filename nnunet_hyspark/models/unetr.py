@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from nnunet_hyspark.errors import HySparKError
-from nnunet_hyspark.models.blocks import ResBlock
+from nnunet_hyspark.models.blocks import ResBlock, decode_with_deep_supervision
 from nnunet_hyspark.models.hiend_mae import DEFAULT_TAPS, DEFAULT_VIT_PATCH, ViTEncoder, token_grid
 
 NETWORK_CLASS_NAME = "nnunet_hyspark.models.unetr.HiEndUNETR"
@@ -129,14 +129,7 @@ class UNETRDecoder(nn.Module):
         """``maps`` = token maps (B, D, gx, gy, gz) of the tapped layers (shallowest first) and the final output."""
         tap1, tap2, tap3, final = maps
         skips = (self.encoder4(tap3), self.encoder3(tap2), self.encoder2(tap1), self.encoder1(image))
-        h, outputs = final, []
-        for up, skip, head in zip(self.up_blocks, skips, self.seg_layers):
-            h = up(h, skip)
-            if self.deep_supervision:
-                outputs.append(head(h))
-        if not self.deep_supervision:
-            return self.seg_layers[-1](h)
-        return outputs[::-1]  # nnU-Net wants the full-resolution logits first
+        return decode_with_deep_supervision(final, self.up_blocks, skips, self.seg_layers, self.deep_supervision)
 
 
 class HiEndUNETR(nn.Module):
