@@ -10,7 +10,6 @@ embeddings are fixed sin-cos, rebuilt for any patch size, and never stored.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -121,12 +120,3 @@ def adapt_input_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
     if c != 1:
         raise HySparKError(f"can only adapt a 1-channel stem, this one has {c} channels")
     return weight.repeat(1, channels, *([1] * (weight.ndim - 2))) / channels
-
-
-def write_sidecar_only(meta: Mapping[str, Any], path: str | os.PathLike) -> None:
-    atomic_json_save(dict(meta), Path(path).with_suffix(".json"))
-
-
-def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path).with_suffix(".json")
-    return json.loads(p.read_text()) if p.is_file() else {}
