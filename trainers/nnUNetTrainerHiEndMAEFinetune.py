@@ -41,13 +41,8 @@ class nnUNetTrainerHiEndMAEFinetune(nnUNetTrainerHySparKFinetune):
                                f"-p nnUNetHiEndMAEPlans")
         super()._check_plans(meta)
 
-    def _check_channels(self, file_state: dict) -> None:
-        stem = file_state.get(STEM_KEY)
-        if stem is not None and stem.shape[1] != self.num_input_channels:
-            raise RuntimeError(
-                f"the pre-trained patch embedding takes {stem.shape[1]} input channel(s), this dataset has "
-                f"{self.num_input_channels}. Adapt the file first: hyspark_convert_checkpoint "
-                f"{self.pretrained_weights_file} OUT.pth --in-channels {self.num_input_channels}")
+    stem_key = STEM_KEY
+    stem_name = "patch embedding"
 
 
 class nnUNetTrainerHiEndMAEFinetune_test(nnUNetTrainerHiEndMAEFinetune):

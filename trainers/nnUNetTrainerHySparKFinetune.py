@@ -121,11 +121,16 @@ class nnUNetTrainerHySparKFinetune(nnUNetTrainerHySparK):
             f"pre-training data with this dataset's plans (hyspark_plan_and_preprocess -d PRETRAIN_ID --plans-from "
             f"THIS_ID), or set {ALLOW_MISMATCH_ENV}=1 to fine-tune anyway.")
 
+    # the tensor whose input channels must match the dataset's, and how the error names it;
+    # subclasses for other networks set these instead of repeating the check
+    stem_key = "encoder.embeddings.stem.weight"
+    stem_name = "stem"
+
     def _check_channels(self, file_state: dict) -> None:
-        stem = file_state.get("encoder.embeddings.stem.weight")
+        stem = file_state.get(self.stem_key)
         if stem is not None and stem.shape[1] != self.num_input_channels:
             raise RuntimeError(
-                f"the pre-trained stem takes {stem.shape[1]} input channel(s), this dataset has "
+                f"the pre-trained {self.stem_name} takes {stem.shape[1]} input channel(s), this dataset has "
                 f"{self.num_input_channels}. Adapt the file first: hyspark_convert_checkpoint "
                 f"{self.pretrained_weights_file} OUT.pth --in-channels {self.num_input_channels}")
 

@@ -25,13 +25,8 @@ __all__ = ["nnUNetTrainerMiMFinetune", "nnUNetTrainerMiMFinetune_test"]
 class nnUNetTrainerMiMFinetune(nnUNetTrainerHySparKFinetune):
     """Fine-tunes MiMUNet (plans ``nnUNetMiMPlans``) from ``-pretrained_weights``."""
 
-    def _check_channels(self, file_state: dict) -> None:
-        stem = file_state.get(STEM_KEY)
-        if stem is not None and stem.shape[1] != self.num_input_channels:
-            raise RuntimeError(
-                f"the pre-trained first conv takes {stem.shape[1]} input channel(s), this dataset has "
-                f"{self.num_input_channels}. Adapt the file first: hyspark_convert_checkpoint "
-                f"{self.pretrained_weights_file} OUT.pth --in-channels {self.num_input_channels}")
+    stem_key = STEM_KEY
+    stem_name = "first conv"
 
 
 class nnUNetTrainerMiMFinetune_test(nnUNetTrainerMiMFinetune):
