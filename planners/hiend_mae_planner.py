@@ -75,9 +75,7 @@ class HiEndMAEPlanner(HySparKPlanner):
         fits = 1
         while self.estimate(patch, fits + 1).total_gb <= self.UNet_vram_target_GB and fits < 1024:
             fits += 1
-        five_percent = round(approximate_n_voxels_dataset * self.max_dataset_covered /
-                             np.prod(patch, dtype=np.float64))
-        return int(max(min(fits, five_percent), self.UNet_min_batch_size))
+        return self.cap_batch_size(fits, patch, approximate_n_voxels_dataset)
 
     def architecture(self, patch_size: Sequence[int]) -> dict:
         arch_kwargs = {'patch_size': [int(i) for i in patch_size]}

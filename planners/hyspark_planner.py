@@ -131,6 +131,10 @@ class HySparKPlanner(ExperimentPlanner):
         """Largest batch size that fits the target, capped by nnU-Net's 5 % rule, at least 2."""
         fits = max_batch_size(patch, self.UNet_vram_target_GB, input_channels=self._num_input_channels(),
                               num_classes=self._num_classes(), **self.arch_kwargs)
+        return self.cap_batch_size(fits, patch, approximate_n_voxels_dataset)
+
+    def cap_batch_size(self, fits: int, patch: Sequence[int], approximate_n_voxels_dataset: float) -> int:
+        """nnU-Net's rule: a batch covers at most 5 % of the dataset; never below the minimum batch size."""
         five_percent = round(approximate_n_voxels_dataset * self.max_dataset_covered /
                              np.prod(patch, dtype=np.float64))
         return int(max(min(fits, five_percent), self.UNet_min_batch_size))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 
 from nnunet_hyspark.mim_levels import LEVEL_MULTIPLE
 from nnunet_hyspark.models import mim_unet
@@ -58,6 +57,4 @@ class MiMPlanner(HySparKPlanner):
         """Largest batch size that fits the target, capped by nnU-Net's 5 % rule, at least 2."""
         fits = mim_unet.max_batch_size(patch, self.UNet_vram_target_GB, input_channels=self._num_input_channels(),
                                        num_classes=self._num_classes(), **self.arch_kwargs)
-        five_percent = round(approximate_n_voxels_dataset * self.max_dataset_covered /
-                             np.prod(patch, dtype=np.float64))
-        return int(max(min(fits, five_percent), self.UNet_min_batch_size))
+        return self.cap_batch_size(fits, patch, approximate_n_voxels_dataset)
