@@ -58,6 +58,7 @@ def worker(rank, port, out):
     dist.all_gather(gathered, params)
     if rank == 0:
         torch.save({"params": gathered, "losses": mean_losses, "data": x[half]}, out)
+    del ddp  # its reducer holds the process group: release it before the group goes
     ctx.close()
 
 

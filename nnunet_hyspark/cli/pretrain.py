@@ -173,6 +173,7 @@ def run(args: argparse.Namespace) -> Path | None:
         seed=args.seed,
         rank=dist.rank, world_size=dist.world_size)
     train_iter, val_iter, info = build_pretrain_loaders(data_cfg)
+    finished = False
     try:
         output = Path(args.output) if args.output else default_output(info["datasets"][0], args.method,
                                                                     args.plans, args.configuration)
@@ -210,10 +211,11 @@ def run(args: argparse.Namespace) -> Path | None:
             print(f"encoder weights: {weights_path}")
             print(f"fine-tune with: nnUNetv2_train DATASET {args.configuration} FOLD -tr {method.finetune_trainer} "
                   f"-p {args.plans} -pretrained_weights {weights_path}")
+        finished = True
         return weights_path
     finally:
         _close(train_iter, val_iter)
-        dist.close()
+        dist.close(wait_for_peers=finished)
 
 
 def plan_arch_kwargs(dataset_name: str, plans: str, configuration: str, network: str = "HySparKUNet") -> dict:

@@ -60,9 +60,15 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, wait_for_peers: bool = True) -> None:
+        """Leave the process group. Ranks first meet at a barrier: a gloo rank that tears down
+        its connections while a peer still uses them can abort the peer (seen as SIGABRT in CI).
+        Pass ``wait_for_peers=False`` when leaving on an error, which the peers may never reach."""
+        if not (self.enabled and dist.is_initialized()):
+            return
+        if wait_for_peers:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 class GlooSyncBatchNorm(nn.BatchNorm3d):
