@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from conftest import run_cmd
 from nnunet_hyspark.cli.benchmark import main
 
 
@@ -26,3 +27,16 @@ def test_speed_refuses_spconv_on_the_cpu(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["speed", "--backends", "dense", "spconv", "--output", str(tmp_path)])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error:")
+
+
+@pytest.mark.e2e
+def test_data_pipeline_alone_reports_crops_per_second_at_the_plans_patch(synthetic_ct, tmp_path):
+    proc = run_cmd(["hyspark_benchmark", "speed", "--what", "data", "-d", str(synthetic_ct["unlabeled"]),
+                    "--output", str(tmp_path)], synthetic_ct["env"])
+    data = json.loads((tmp_path / "speed.json").read_text())["data"]
+    plans = json.loads(next((synthetic_ct["preprocessed"]).glob("Dataset502_*/nnUNetHySparKPlans.json")).read_text())
+    assert list(data["patch_size"]) == plans["configurations"]["3d_fullres"]["patch_size"]
+    assert data["crops_per_second"] > 0
+    md = (tmp_path / "speed.md").read_text()
+    assert "crops/s" in md and "| what |" not in md  # no empty step table when only the data was timed
+    assert "crops/s" in proc.stdout

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import multiprocessing
 import platform
 import resource
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from nnunet_hyspark.io import atomic_json_save, atomic_path
 from nnunet_hyspark.sparse.benchmark import AUTOCAST_DTYPES, _current_rss_bytes, _patch, _widths, time_encoder
 
 
@@ -99,10 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _markdown(header: dict, rows: list[dict]) -> str:
     lines = [f"# hyspark_benchmark speed", "",
              f"device: {header['device']} ({header['device_name']}), torch threads: {header['threads']}, "
-             f"precision: {header['precision']}, batch {header['batch']}, patch {header['patch']}, "
-             f"widths {header['widths']}, mask ratio {header['mask_ratio']}, torch {header['torch']}", "",
-             "| what | backend | median step s | samples/s | peak memory MiB | speed vs first | memory vs first |",
-             "|---|---|---|---|---|---|---|"]
+             f"torch {header['torch']}"]
+    if not rows:  # data pipeline only
+        return "\n".join(lines) + "\n"
+    lines += [f"step timings: precision {header['precision']}, batch {header['batch']}, patch {header['patch']}, "
+              f"widths {header['widths']}, mask ratio {header['mask_ratio']}", "",
+              "| what | backend | median step s | samples/s | peak memory MiB | speed vs first | memory vs first |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['what']} | {r['backend']} | {r['median_s']:.3f} | {r['samples_per_s']:.3f} | "
                      f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['speedup']:.2f}x | {r['memory_ratio']:.2f} |")
@@ -153,21 +156,22 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
     result = {"header": header, "rows": rows}
     if "data" in args.what:
-        result["data"] = _data_pipeline(args, patch)
+        result["data"] = _data_pipeline(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(result, indent=2))
+    atomic_json_save(result, out / "speed.json")
     md = _markdown(header, rows)
     if "data" in result:
         d = result["data"]
         md += (f"\ndata pipeline: {d['crops_per_second']:.1f} crops/s at patch {list(d['patch_size'])} "
                f"({d['num_workers']} workers, {d['augmentation']})\n")
-    (out / "speed.md").write_text(md)
+    with atomic_path(out / "speed.md") as tmp:
+        Path(tmp).write_text(md)
     print("\n" + md + f"\nwritten: {out / 'speed.json'}, {out / 'speed.md'}")
     return 0
 
 
-def _data_pipeline(args: argparse.Namespace, patch) -> dict:
+def _data_pipeline(args: argparse.Namespace) -> dict:
     from nnunet_hyspark.errors import HySparKError
     from nnunet_hyspark.pretrain_data import PretrainDataConfig, measure_crops_per_second
 
