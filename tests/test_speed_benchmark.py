@@ -20,7 +20,24 @@ def test_speed_writes_a_table_with_ratios_against_dense(tmp_path, capsys):
         assert blocks["speedup"] == pytest.approx(dense["median_s"] / blocks["median_s"])
         assert blocks["median_s"] > 0 and blocks["peak_mem_bytes"] > 0
     md = (tmp_path / "speed.md").read_text()
-    assert "| encoder | blocks |" in md and "torch threads: 1" in md
+    assert "| encoder | fp32 | blocks |" in md and "torch threads: 1" in md
+
+
+def test_several_precisions_in_one_run_are_compared_with_the_first(tmp_path):
+    main(["speed", "--what", "encoder", "--precision", "fp32", "bf16", "--widths", "tiny", "--patch", "32",
+          "--steps", "1", "--warmup", "0", "--threads", "1", "--output", str(tmp_path)])
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert [(r["precision"], r["backend"]) for r in rows] == [("fp32", "dense"), ("fp32", "blocks"),
+                                                              ("bf16", "dense"), ("bf16", "blocks")]
+    for r in rows:
+        assert r["speedup"] == pytest.approx(rows[0]["median_s"] / r["median_s"])
+    assert "| encoder | bf16 | blocks |" in (tmp_path / "speed.md").read_text()
+
+
+def test_fp16_is_refused_on_the_cpu(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["speed", "--precision", "fp16", "--output", str(tmp_path)])
+    assert e.value.code == 2 and "fp16 needs --device cuda" in capsys.readouterr().err
 
 
 def test_speed_refuses_spconv_on_the_cpu(tmp_path, capsys):

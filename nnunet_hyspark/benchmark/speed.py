@@ -89,7 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup untimed ones)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default="fp32", choices=sorted(AUTOCAST_DTYPES))
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=sorted(AUTOCAST_DTYPES),
+                        help="one or more; e.g. 'fp32 bf16' times every backend in both, against fp32 + the "
+                             "first backend")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("-d", dest="dataset", default=None, help="preprocessed dataset for --what data")
     parser.add_argument("-p", dest="plans", default="nnUNetHySparKPlans")
@@ -102,13 +104,15 @@ def _markdown(header: dict, rows: list[dict]) -> str:
              f"torch {header['torch']}"]
     if not rows:  # data pipeline only
         return "\n".join(lines) + "\n"
-    lines += [f"step timings: precision {header['precision']}, batch {header['batch']}, patch {header['patch']}, "
-              f"widths {header['widths']}, mask ratio {header['mask_ratio']}", "",
-              "| what | backend | median step s | samples/s | peak memory MiB | speed vs first | memory vs first |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [f"step timings: batch {header['batch']}, patch {header['patch']}, widths {header['widths']}, "
+              f"mask ratio {header['mask_ratio']}; ratios against the first row of each kind", "",
+              "| what | precision | backend | median step s | samples/s | peak memory MiB | speed vs first "
+              "| memory vs first |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['what']} | {r['backend']} | {r['median_s']:.3f} | {r['samples_per_s']:.3f} | "
-                     f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['speedup']:.2f}x | {r['memory_ratio']:.2f} |")
+        lines.append(f"| {r['what']} | {r['precision']} | {r['backend']} | {r['median_s']:.3f} | "
+                     f"{r['samples_per_s']:.3f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['speedup']:.2f}x | "
+                     f"{r['memory_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         raise HySparKError("--device cuda but no CUDA device is visible", "use --device cpu")
     for b in args.backends:
         check_sparse_backend(b)  # unknown / unsafe (spconv on CPU) backends fail here, in one line
+    if "fp16" in args.precision and args.device != "cuda":
+        raise HySparKError("--precision fp16 needs --device cuda", "use bf16 on the CPU")
     patch = tuple(args.patch) * 3 if len(args.patch) == 1 else tuple(args.patch)
     header = {"device": args.device, "threads": args.threads or torch.get_num_threads(),
               "device_name": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
@@ -140,20 +146,23 @@ def run(args: argparse.Namespace) -> int:
               "widths": args.widths, "mask_ratio": args.mask_ratio, "torch": torch.__version__}
     rows = []
     timers = {"encoder": time_encoder, "pretrain": time_pretrain_step}
+    baseline = f"{args.precision[0]} {args.backends[0]}"
     for what in [w for w in args.what if w in timers]:
         base = None
-        for backend in args.backends:
-            r = timers[what](backend, batch=args.batch, patch=patch, widths=args.widths, mask_ratio=args.mask_ratio,
-                             steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.precision,
-                             num_threads=args.threads)
-            base = base or r
-            rows.append({"what": what, "backend": backend, "median_s": r["median_s"],
-                         "samples_per_s": r["samples_per_s"], "peak_mem_bytes": r["peak_mem_bytes"],
-                         "speedup": base["median_s"] / r["median_s"],
-                         "memory_ratio": r["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1), "times_s": r["times_s"]})
-            print(f"{what:8s} {backend:10s} {r['median_s']:.3f} s/step  {r['samples_per_s']:.3f} samples/s  "
-                  f"peak {r['peak_mem_bytes'] / 2**20:.0f} MiB  {rows[-1]['speedup']:.2f}x vs {args.backends[0]}",
-                  flush=True)
+        for precision in args.precision:
+            for backend in args.backends:
+                r = timers[what](backend, batch=args.batch, patch=patch, widths=args.widths,
+                                 mask_ratio=args.mask_ratio, steps=args.steps, warmup=args.warmup, device=args.device,
+                                 dtype=precision, num_threads=args.threads)
+                base = base or r
+                rows.append({"what": what, "precision": precision, "backend": backend, "median_s": r["median_s"],
+                             "samples_per_s": r["samples_per_s"], "peak_mem_bytes": r["peak_mem_bytes"],
+                             "speedup": base["median_s"] / r["median_s"],
+                             "memory_ratio": r["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1),
+                             "times_s": r["times_s"]})
+                print(f"{what:8s} {precision:4s} {backend:10s} {r['median_s']:.3f} s/step  "
+                      f"{r['samples_per_s']:.3f} samples/s  peak {r['peak_mem_bytes'] / 2**20:.0f} MiB  "
+                      f"{rows[-1]['speedup']:.2f}x vs {baseline}", flush=True)
     result = {"header": header, "rows": rows}
     if "data" in args.what:
         result["data"] = _data_pipeline(args)
