@@ -39,6 +39,7 @@ class HiEndMAEPlanner(HySparKPlanner):
 
     arch_presets = ARCH_PRESETS
     patch_multiple = DEFAULT_VIT_PATCH  # the instance's is its ViT patch
+    network_class_name = NETWORK_CLASS_NAME
 
     def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = DEFAULT_GPU_MEMORY_TARGET_GB,
                  preprocessor_name: str = 'DefaultPreprocessor', plans_name: str = PLANS_NAME,
@@ -77,11 +78,10 @@ class HiEndMAEPlanner(HySparKPlanner):
             fits += 1
         return self.cap_batch_size(fits, patch, approximate_n_voxels_dataset)
 
-    def architecture(self, patch_size: Sequence[int]) -> dict:
-        arch_kwargs = {'patch_size': [int(i) for i in patch_size]}
-        arch_kwargs.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.arch_kwargs.items()})
-        arch_kwargs['strides'] = plans_strides(self.patch_multiple)
-        return {'network_class_name': NETWORK_CLASS_NAME, 'arch_kwargs': arch_kwargs, '_kw_requires_import': []}
+    @property
+    def deep_supervision_strides(self) -> list[list[int]]:
+        """The UNETR pyramid depends on the ViT patch (x1, x3, x2, x2 for 12), so it is per instance."""
+        return plans_strides(self.patch_multiple)
 
     def check_volumes(self) -> None:
         super().check_volumes()
