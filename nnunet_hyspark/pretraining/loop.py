@@ -234,7 +234,8 @@ class Pretrainer:
             self.load_checkpoint(resume_from)
         c = self.cfg
         self.log(f"pre-training {self.meta.get('method')} for {c.epochs} epochs x {c.iterations_per_epoch} iterations, "
-                 f"precision {c.precision}, device {self.device}, world size {self.dist.world_size}")
+                 f"precision {c.precision}, device {self.device}, world size {self.dist.world_size}"
+                 + (f", sparse backend {self.meta['sparse_backend']}" if "sparse_backend" in self.meta else ""))
         interrupted = _InterruptFlag()
         with interrupted:
             start_epoch = self.step // c.iterations_per_epoch
