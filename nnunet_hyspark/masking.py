@@ -56,3 +56,9 @@ def kept_token_indices(mask: torch.Tensor) -> torch.Tensor:
     # a stable sort puts kept cells (True) first while preserving their order
     order = torch.sort((~flat).to(torch.uint8), dim=1, stable=True).indices
     return order[:, :keep]
+
+
+def hide(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN at masked voxels (``keep`` is 0 there), so previews can draw them in their own
+    colour instead of a grey that reads as tissue."""
+    return x.masked_fill(keep.expand_as(x) == 0, float("nan"))

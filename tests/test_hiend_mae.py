@@ -191,7 +191,8 @@ def test_reconstruction_preview_keeps_visible_patches():
     keep = upsample_mask(out["mask"], 12)
     assert imgs["reconstruction"].shape == x.shape
     assert torch.allclose(imgs["reconstruction"] * keep, x * keep, atol=1e-5)
-    assert torch.equal(imgs["masked"], x * keep)
+    assert torch.equal(imgs["masked"].nan_to_num(0.0), x * keep)
+    assert bool(imgs["masked"].isnan().eq(keep.expand_as(x) == 0).all())  # hidden voxels are NaN, drawn in colour
 
 
 # ------------------------------------------------------------------------------------------ fine-tuning network

@@ -190,6 +190,7 @@ def test_preview_panels_per_level():
     for images in panels.values():
         assert sorted(images) == ["input", "masked", "reconstruction"]
         assert all(v.shape == (1, 1, 32, 32, 32) for v in images.values())
+        assert images["masked"].isnan().any() and not images["reconstruction"].isnan().any()
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuning

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_hyspark.errors import HySparKError
-from nnunet_hyspark.masking import kept_token_indices, random_cell_mask, upsample_mask
+from nnunet_hyspark.masking import hide, kept_token_indices, random_cell_mask, upsample_mask
 from nnunet_hyspark.models.blocks import Attention, Mlp, TransformerBlock, init_vit_weights
 from nnunet_hyspark.models.hyspark import normalised_targets, patchify, unpatchify
 from nnunet_hyspark.models.pos_embed import sincos_3d
@@ -262,7 +262,7 @@ class HiEndMAE(nn.Module):
         keep = mask.flatten(1)[..., None].to(x.dtype)
         full = pred.float() * std + mean
         recon = unpatchify(full * (1 - keep) + patchify(x, self.patch) * keep, x.shape[1], mask.shape[1:], self.patch)
-        return {"input": x, "masked": x * upsample_mask(mask, self.patch), "reconstruction": recon}
+        return {"input": x, "masked": hide(x, upsample_mask(mask, self.patch)), "reconstruction": recon}
 
 
 # ----------------------------------------------------------------------------------------------- method hooks

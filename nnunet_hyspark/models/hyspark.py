@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_hyspark.masking import ENCODER_STRIDE, masks_per_scale, random_cell_mask
+from nnunet_hyspark.masking import ENCODER_STRIDE, hide, masks_per_scale, random_cell_mask
 from nnunet_hyspark.models.encoder import HybridEncoder
 
 
@@ -173,5 +173,4 @@ class HySparK(nn.Module):
         keep = mask.flatten(1)[..., None].to(full.dtype)
         grid = mask.shape[1:]
         recon = unpatchify(full * (1 - keep) + patchify(x.float()) * keep, x.shape[1], grid)
-        masked_input = x.float() * masks_per_scale(mask)[0]
-        return {"input": x.float(), "masked": masked_input, "reconstruction": recon}
+        return {"input": x.float(), "masked": hide(x.float(), masks_per_scale(mask)[0]), "reconstruction": recon}

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_hyspark.masking import kept_token_indices, random_cell_mask, upsample_mask
+from nnunet_hyspark.masking import hide, kept_token_indices, random_cell_mask, upsample_mask
 from nnunet_hyspark.mim_levels import (CELL, choose_among, coarse_volume, cut_octants, fine_volumes, grouped_mask,
                                        level_patch_size, masked_cells, octant_pooling_matrix, token_grid)
 from nnunet_hyspark.models.blocks import ChannelLayerNorm, TransformerBlock, init_vit_weights
@@ -343,4 +343,4 @@ class MiM(nn.Module):
         keep = mask.flatten(1)[..., None].to(volume.dtype)
         full = pred.float() * std + mean
         recon = unpatchify(full * (1 - keep) + patchify(volume) * keep, volume.shape[1], mask.shape[1:])
-        return {"input": volume, "masked": volume * upsample_mask(mask, CELL), "reconstruction": recon}
+        return {"input": volume, "masked": hide(volume, upsample_mask(mask, CELL)), "reconstruction": recon}

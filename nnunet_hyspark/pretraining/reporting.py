@@ -73,17 +73,19 @@ def save_preview(images: Mapping[str, torch.Tensor], path: str | os.PathLike, ti
     """One row per image (e.g. input / masked / reconstruction), three orthogonal slices each.
 
     Each ``images[name]`` is a (B, C, X, Y, Z) batch or a (C, X, Y, Z) volume; sample 0 and
-    channel 0 are shown, and all rows share the intensity window of the first row.
+    channel 0 are shown, and all rows share the intensity window of the first row. NaN voxels
+    (masked ones) are drawn in blue.
     """
     plt = _pyplot()
     names = list(images)
     vols = [images[n].detach().float().cpu().reshape(-1, *images[n].shape[-3:])[0].numpy() for n in names]
-    lo, hi = np.percentile(vols[0], [1, 99])
+    lo, hi = np.nanpercentile(vols[0], [1, 99])
+    cmap = plt.get_cmap("gray").with_extremes(bad="tab:blue")  # NaN marks masked voxels (masking.hide)
     fig, axes = plt.subplots(len(names), 3, figsize=(9, 3 * len(names)), squeeze=False)
     for r, (name, vol) in enumerate(zip(names, vols)):
         for c, sl in enumerate(_central_slices(vol)):
             ax = axes[r][c]
-            ax.imshow(np.rot90(sl), cmap="gray", vmin=lo, vmax=hi)
+            ax.imshow(np.rot90(sl), cmap=cmap, vmin=lo, vmax=hi)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
