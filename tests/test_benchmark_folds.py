@@ -464,3 +464,24 @@ def test_custom_splits_installed_then_resumed_and_summarize_uses_manifest(nn, ca
     assert status == 0
     md = (out_dir / "summary.md").read_text()
     assert "**base** (`nnUNetTrainerHySparK`): 2/2 folds" in md and "**nnu** (`nnUNetTrainer`)" in md
+
+
+def test_default_splits_are_nnunets_own_and_written_before_parallel_folds(nn, capsys):
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    data = nn["pre"] / DS / f"{PLANS}_{CONF}"
+    data.mkdir()
+    for c in CASES:  # the files nnU-Net's blosc2 dataset lists (contents are not read for the split)
+        (data / f"{c}.b2nd").write_bytes(b"")
+        (data / f"{c}_seg.b2nd").write_bytes(b"")
+        (data / f"{c}.pkl").write_bytes(b"")
+    status, out, _ = cli(["folds", *base_args(nn, "--arms", f"scratch={SCRATCH}", "-f", "0", "1", "--dry-run")],
+                         capsys)
+    assert status == 0 and not (nn["pre"] / DS / "splits_final.json").exists()  # a dry run writes nothing
+    runner, out = FakeTrainer(nn["res"]), io.StringIO()
+    assert F.run_benchmark(make_spec(nn, f"scratch={SCRATCH}", folds=(0, 1)), runner=runner, gpus=["0", "1"],
+                           out=out) == 0
+    assert "default 5-fold split written" in out.getvalue()
+    written = json.loads((nn["pre"] / DS / "splits_final.json").read_text())
+    assert written == generate_crossval_split(sorted(CASES), seed=12345, n_splits=5)  # what nnU-Net would write
+    assert len(runner.calls) == 2

@@ -600,6 +600,8 @@ def run_benchmark(spec: BenchmarkSpec, *, runner: Runner | None = None, gpus: Se
                   f"nnUNet_extTrainer; its folds will fail if the name is wrong", file=sys.stderr)
     if spec.splits is not None:
         _install_custom_splits(spec, force, dry_run, out)
+    elif not dry_run:
+        _install_default_splits(spec, out)
     jobs = plan_jobs(spec)
     todo = [j for j in jobs if j.state != FINISHED]
     print(f"benchmark {spec.dataset} {spec.configuration} {spec.plans}: {len(spec.arms)} arm(s) x "
@@ -628,6 +630,25 @@ def run_benchmark(spec: BenchmarkSpec, *, runner: Runner | None = None, gpus: Se
     if failed:
         print(f"{len(failed)} of {len(todo)} fold run(s) failed; re-run the same command to retry them", file=out)
     return 1 if failed else 0
+
+
+def _install_default_splits(spec: BenchmarkSpec, out: TextIO) -> None:
+    pre = Path(os.environ["nnUNet_preprocessed"]) / spec.dataset
+    written = splits_mod.install_default_splits(pre, pre / _data_identifier(pre / f"{spec.plans}.json",
+                                                                             spec.configuration))
+    if written is not None:
+        print(f"splits: nnU-Net's default 5-fold split written before any fold starts: {written}", file=out)
+
+
+def _data_identifier(plans_file: Path, configuration: str) -> str:
+    """The configuration's preprocessed-data folder name, following ``inherits_from`` as nnU-Net does."""
+    import json
+
+    configs = json.loads(plans_file.read_text()).get("configurations", {})
+    c = configs.get(configuration, {})
+    while "data_identifier" not in c and c.get("inherits_from") in configs:
+        c = {**configs[c["inherits_from"]], **{k: v for k, v in c.items() if k != "inherits_from"}}
+    return c.get("data_identifier", f"{plans_file.stem}_{configuration}")
 
 
 def _install_custom_splits(spec: BenchmarkSpec, force: bool, dry_run: bool, out: TextIO) -> None:

@@ -199,6 +199,30 @@ def install_splits(splits: Splits, preprocessed_dataset_dir: str | os.PathLike, 
     return target, action
 
 
+def install_default_splits(preprocessed_dataset_dir: str | os.PathLike, data_folder: str | os.PathLike) -> Path | None:
+    """Write nnU-Net's own default split (5 folds, seed 12345, over the sorted case ids) if none exists.
+
+    nnU-Net's trainer would create exactly this file, but folds started in parallel would each
+    create it at once; writing it first, atomically, removes that race. Returns the path if written.
+    """
+    import numpy as np
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    target = Path(preprocessed_dataset_dir) / SPLITS_FILENAME
+    if target.is_file() or not Path(data_folder).is_dir():
+        return None  # no preprocessed data: leave it to nnU-Net, whose error names the problem
+    try:
+        ids = infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder))
+    except (AssertionError, KeyError):  # nnU-Net cannot tell the format (no or mixed files)
+        return None
+    if len(ids) < 5:
+        return None  # nnU-Net itself refuses 5 folds over fewer cases
+    splits = generate_crossval_split([str(i) for i in np.sort(list(ids))], seed=12345, n_splits=5)
+    write_json_atomic(target, [{k: [str(c) for c in v] for k, v in fold.items()} for fold in splits])
+    return target
+
+
 def write_json_atomic(path: str | os.PathLike, data: object) -> None:
     """Write JSON via a temp file + os.replace, so an interruption never leaves half a file."""
     path = Path(path)
