@@ -1,5 +1,6 @@
 """torch.distributed pre-training on CPU (gloo, 2 processes): same parameters on every rank, and the
 step equals a single-process step on the doubled batch (synchronised BatchNorm included)."""
+import gc
 import os
 import socket
 import subprocess
@@ -59,6 +60,7 @@ def worker(rank, port, out):
     if rank == 0:
         torch.save({"params": gathered, "losses": mean_losses, "data": x[half]}, out)
     del ddp  # its reducer holds the process group: release it before the group goes
+    gc.collect()
     ctx.close()
 
 

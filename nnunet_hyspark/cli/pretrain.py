@@ -8,6 +8,7 @@ Runs under ``torchrun`` for several GPUs / machines.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -146,8 +147,6 @@ def run(args: argparse.Namespace) -> Path | None:
 
     from nnunet_hyspark.pretrain_data import PretrainDataConfig, build_pretrain_loaders
     from nnunet_hyspark.pretraining.distributed import DistContext
-    from nnunet_hyspark.pretraining.loop import LoopConfig, Pretrainer
-    from nnunet_hyspark.weights import load_weights_file, transfer_report, format_report
 
     require_nnunet_env()
     method = _methods()[args.method]
@@ -178,48 +177,62 @@ def run(args: argparse.Namespace) -> Path | None:
     train_iter, val_iter, info = build_pretrain_loaders(data_cfg)
     finished = False
     try:
-        output = Path(args.output) if args.output else default_output(info["datasets"][0], args.method,
-                                                                    args.plans, args.configuration)
-        resume = check_output_folder(output, args.continue_training, args.force)
-        torch.manual_seed(args.seed + dist.rank)  # different masks on every rank
-        model = method.build(plan_arch_kwargs(info["datasets"][0], args.plans, args.configuration, method.network),
-                             info["num_input_channels"], args)
-        if args.init_from:
-            weights, meta = load_weights_file(args.init_from)
-            enc_state = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
-            report = transfer_report(model.encoder.state_dict(), enc_state)
-            if report["missing"] or report["shape_mismatch"]:
-                raise HySparKError(f"--init-from {args.init_from} does not fit this encoder: "
-                                   + "; ".join(format_report(report)[1:3]))
-            model.encoder.load_state_dict(enc_state)
-        if args.compile:
-            model = torch.compile(model)
-        meta = {"method": args.method, "datasets": info["datasets"], "plans_name": args.plans,
-                "configuration": args.configuration, "patch_size": list(info["patch_size"]),
-                "spacing": list(info["spacing"]), "normalization_schemes": info["normalization_schemes"],
-                "foreground_intensity_properties_per_channel": info.get("foreground_intensity_properties_per_channel"),
-                "mask_ratio": args.mask_ratio, "batch_size": info["batch_size"], "world_size": dist.world_size,
-                "sparse_backend": args.sparse_backend}
-        loop_cfg = LoopConfig(epochs=args.epochs, iterations_per_epoch=args.iterations,
-                              val_iterations=args.val_iterations, lr=args.lr, warmup_fraction=args.warmup_fraction,
-                              weight_decay_start=args.weight_decay[0], weight_decay_end=args.weight_decay[1],
-                              betas=tuple(args.betas),
-                              clip_grad=args.clip_grad or None, precision=args.precision,
-                              preview_every=args.preview_every, save_every=args.save_every, seed=args.seed)
-        trainer = Pretrainer(model, method, loop_cfg, train_iter, val_iter, output, meta, device, dist,
-                             progress=not args.no_progress)
-        if dist.is_main:
-            (output / "pretrain_config.json").write_text(json.dumps({**vars(args), "output": str(output)}, indent=2))
-        weights_path = trainer.run(resume_from=resume)
-        if weights_path is not None:
-            print(f"encoder weights: {weights_path}")
-            print(f"fine-tune with: nnUNetv2_train DATASET {args.configuration} FOLD -tr {method.finetune_trainer} "
-                  f"-p {args.plans} -pretrained_weights {weights_path}")
+        weights_path = _pretrain(args, method, device, dist, train_iter, val_iter, info)
         finished = True
         return weights_path
     finally:
         _close(train_iter, val_iter)
+        # the model (and DDP's reducer, which holds the process group) went with _pretrain's frame;
+        # collect cycles so the group is torn down here, not by interpreter shutdown
+        gc.collect()
         dist.close(wait_for_peers=finished)
+
+
+def _pretrain(args: argparse.Namespace, method, device, dist, train_iter, val_iter, info: dict) -> Path | None:
+    """Build the model and run the loop; returns the exported weights (None on rank > 0 or interrupt)."""
+    import torch
+
+    from nnunet_hyspark.pretraining.loop import LoopConfig, Pretrainer
+    from nnunet_hyspark.weights import load_weights_file, transfer_report, format_report
+
+    output = Path(args.output) if args.output else default_output(info["datasets"][0], args.method,
+                                                                args.plans, args.configuration)
+    resume = check_output_folder(output, args.continue_training, args.force)
+    torch.manual_seed(args.seed + dist.rank)  # different masks on every rank
+    model = method.build(plan_arch_kwargs(info["datasets"][0], args.plans, args.configuration, method.network),
+                         info["num_input_channels"], args)
+    if args.init_from:
+        weights, meta = load_weights_file(args.init_from)
+        enc_state = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
+        report = transfer_report(model.encoder.state_dict(), enc_state)
+        if report["missing"] or report["shape_mismatch"]:
+            raise HySparKError(f"--init-from {args.init_from} does not fit this encoder: "
+                               + "; ".join(format_report(report)[1:3]))
+        model.encoder.load_state_dict(enc_state)
+    if args.compile:
+        model = torch.compile(model)
+    meta = {"method": args.method, "datasets": info["datasets"], "plans_name": args.plans,
+            "configuration": args.configuration, "patch_size": list(info["patch_size"]),
+            "spacing": list(info["spacing"]), "normalization_schemes": info["normalization_schemes"],
+            "foreground_intensity_properties_per_channel": info.get("foreground_intensity_properties_per_channel"),
+            "mask_ratio": args.mask_ratio, "batch_size": info["batch_size"], "world_size": dist.world_size,
+            "sparse_backend": args.sparse_backend}
+    loop_cfg = LoopConfig(epochs=args.epochs, iterations_per_epoch=args.iterations,
+                          val_iterations=args.val_iterations, lr=args.lr, warmup_fraction=args.warmup_fraction,
+                          weight_decay_start=args.weight_decay[0], weight_decay_end=args.weight_decay[1],
+                          betas=tuple(args.betas),
+                          clip_grad=args.clip_grad or None, precision=args.precision,
+                          preview_every=args.preview_every, save_every=args.save_every, seed=args.seed)
+    trainer = Pretrainer(model, method, loop_cfg, train_iter, val_iter, output, meta, device, dist,
+                         progress=not args.no_progress)
+    if dist.is_main:
+        (output / "pretrain_config.json").write_text(json.dumps({**vars(args), "output": str(output)}, indent=2))
+    weights_path = trainer.run(resume_from=resume)
+    if weights_path is not None:
+        print(f"encoder weights: {weights_path}")
+        print(f"fine-tune with: nnUNetv2_train DATASET {args.configuration} FOLD -tr {method.finetune_trainer} "
+              f"-p {args.plans} -pretrained_weights {weights_path}")
+    return weights_path
 
 
 def plan_arch_kwargs(dataset_name: str, plans: str, configuration: str, network: str = "HySparKUNet") -> dict:
