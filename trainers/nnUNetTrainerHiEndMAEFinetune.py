@@ -12,10 +12,8 @@ Position embeddings are fixed sin-cos, rebuilt for the plans' token grid (patch 
 """
 from __future__ import annotations
 
-import torch
-
 from nnunet_hyspark.models.unetr import NETWORK_CLASS_NAME, STEM_KEY
-from nnunet_hyspark.trainers.nnUNetTrainerHySparK import _short_schedule
+from nnunet_hyspark.trainers.nnUNetTrainerHySparK import ScheduleVariant, short_schedule
 from nnunet_hyspark.trainers.nnUNetTrainerHySparKFinetune import nnUNetTrainerHySparKFinetune
 
 __all__ = ["nnUNetTrainerHiEndMAEFinetune", "nnUNetTrainerHiEndMAEFinetune_test"]
@@ -45,12 +43,7 @@ class nnUNetTrainerHiEndMAEFinetune(nnUNetTrainerHySparKFinetune):
     stem_name = "patch embedding"
 
 
-class nnUNetTrainerHiEndMAEFinetune_test(nnUNetTrainerHiEndMAEFinetune):
+class nnUNetTrainerHiEndMAEFinetune_test(ScheduleVariant, nnUNetTrainerHiEndMAEFinetune):
     """The test suite's schedule: one tiny epoch."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self, epochs=1, iterations=3, val_iterations=1)
-        self.initial_lr = 1e-3
-        self.warmup_epochs = 1
+    schedule = short_schedule(epochs=1, iterations=3, val_iterations=1, initial_lr=1e-3, warmup_epochs=1)

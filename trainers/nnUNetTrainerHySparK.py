@@ -39,40 +39,43 @@ class nnUNetTrainerHySparK(nnUNetTrainer):
         return optimizer, scheduler
 
 
-def _short_schedule(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterations: int) -> None:
-    """Shrink nnU-Net's schedule (1000 epochs x 250 iterations) for demos and tests on a CPU."""
-    trainer.num_epochs = epochs
-    trainer.num_iterations_per_epoch = iterations
-    trainer.num_val_iterations_per_epoch = val_iterations
-    trainer.save_every = max(1, epochs // 2)
+def short_schedule(epochs: int, iterations: int, val_iterations: int, **settings) -> dict:
+    """Trainer attributes that shrink nnU-Net's schedule (1000 epochs x 250 iterations) for CPUs."""
+    return {"num_epochs": epochs, "num_iterations_per_epoch": iterations,
+            "num_val_iterations_per_epoch": val_iterations, "save_every": max(1, epochs // 2), **settings}
 
 
-class nnUNetTrainerHySparK_5epochs(nnUNetTrainerHySparK):
+class ScheduleVariant:
+    """Mixin for a named schedule variant. nnU-Net finds a trainer by its class name, so every
+    schedule is a class; its numbers are the ``schedule`` mapping (trainer attribute -> value),
+    set after every base constructor has run (the fine-tuning trainer sets its own warm-up)."""
+
+    schedule: dict = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for name, value in self.schedule.items():
+            if not hasattr(self, name):  # a typo would otherwise be a silent no-op
+                raise AttributeError(f"{type(self).__name__}.schedule sets unknown trainer attribute {name!r}")
+            setattr(self, name, value)
+
+
+class nnUNetTrainerHySparK_5epochs(ScheduleVariant, nnUNetTrainerHySparK):
     """nnU-Net's naming: 5 epochs of 250 iterations (a quick GPU sanity run)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
+    schedule = {"num_epochs": 5}
 
 
-class nnUNetTrainerHySparK_demo(nnUNetTrainerHySparK):
+class nnUNetTrainerHySparK_demo(ScheduleVariant, nnUNetTrainerHySparK):
     """The demo's schedule: minutes on a laptop CPU with the tiny architecture."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self, epochs=8, iterations=25, val_iterations=4)
-        self.initial_lr = 1e-3
+    schedule = short_schedule(epochs=8, iterations=25, val_iterations=4, initial_lr=1e-3)
 
 
-class nnUNetTrainerHySparK_test(nnUNetTrainerHySparK):
+class nnUNetTrainerHySparK_test(ScheduleVariant, nnUNetTrainerHySparK):
     """The test suite's schedule: the shortest run that still learns the synthetic organs."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        # the tiny network learns the synthetic liver (Dice ~0.7-0.8) in 90 iterations at 1e-3; at 3e-3
-        # it sometimes collapsed to background (nnU-Net training is not seeded)
-        _short_schedule(self, epochs=6, iterations=15, val_iterations=2)
-        self.initial_lr = 1e-3
+    # the tiny network learns the synthetic liver (Dice ~0.7-0.8) in 90 iterations at 1e-3; at 3e-3
+    # it sometimes collapsed to background (nnU-Net training is not seeded)
+    schedule = short_schedule(epochs=6, iterations=15, val_iterations=2, initial_lr=1e-3)

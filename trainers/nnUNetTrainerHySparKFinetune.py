@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from nnunet_hyspark.errors import HySparKError
-from nnunet_hyspark.trainers.nnUNetTrainerHySparK import _short_schedule, nnUNetTrainerHySparK
+from nnunet_hyspark.trainers.nnUNetTrainerHySparK import ScheduleVariant, nnUNetTrainerHySparK, short_schedule
 from nnunet_hyspark.weights import format_report, load_weights_file, transfer_report
 
 __all__ = ["nnUNetTrainerHySparKFinetune", "nnUNetTrainerHySparKFinetune_demo", "nnUNetTrainerHySparKFinetune_test",
@@ -154,28 +154,16 @@ class nnUNetTrainerHySparKFinetune(nnUNetTrainerHySparK):
         self._pretrained_encoder = None  # free the copy
 
 
-class nnUNetTrainerHySparKFinetune_demo(nnUNetTrainerHySparKFinetune):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self, epochs=8, iterations=25, val_iterations=4)
-        self.initial_lr = 1e-3
-        self.warmup_epochs = 1
+class nnUNetTrainerHySparKFinetune_demo(ScheduleVariant, nnUNetTrainerHySparKFinetune):
+    schedule = short_schedule(epochs=8, iterations=25, val_iterations=4, initial_lr=1e-3, warmup_epochs=1)
 
 
-class nnUNetTrainerHySparKFinetune_test(nnUNetTrainerHySparKFinetune):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self, epochs=2, iterations=5, val_iterations=1)  # checks loading, not accuracy
-        self.initial_lr = 3e-3
-        self.warmup_epochs = 1
+class nnUNetTrainerHySparKFinetune_test(ScheduleVariant, nnUNetTrainerHySparKFinetune):
+    # checks loading, not accuracy
+    schedule = short_schedule(epochs=2, iterations=5, val_iterations=1, initial_lr=3e-3, warmup_epochs=1)
 
 
 class nnUNetTrainerHySparKFinetune_frozen_test(nnUNetTrainerHySparKFinetune_test):
     """Encoder frozen (lr 0) for the first epoch, then trained."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.freeze_encoder_epochs = 1
+    schedule = {**nnUNetTrainerHySparKFinetune_test.schedule, "freeze_encoder_epochs": 1}

@@ -13,10 +13,8 @@ with the command that adapts it (first conv repeated over the channels).
 """
 from __future__ import annotations
 
-import torch
-
 from nnunet_hyspark.models.mim_unet import STEM_KEY
-from nnunet_hyspark.trainers.nnUNetTrainerHySparK import _short_schedule
+from nnunet_hyspark.trainers.nnUNetTrainerHySparK import ScheduleVariant, short_schedule
 from nnunet_hyspark.trainers.nnUNetTrainerHySparKFinetune import nnUNetTrainerHySparKFinetune
 
 __all__ = ["nnUNetTrainerMiMFinetune", "nnUNetTrainerMiMFinetune_test"]
@@ -29,12 +27,7 @@ class nnUNetTrainerMiMFinetune(nnUNetTrainerHySparKFinetune):
     stem_name = "first conv"
 
 
-class nnUNetTrainerMiMFinetune_test(nnUNetTrainerMiMFinetune):
+class nnUNetTrainerMiMFinetune_test(ScheduleVariant, nnUNetTrainerMiMFinetune):
     """The test suite's schedule."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self, epochs=1, iterations=3, val_iterations=1)
-        self.initial_lr = 3e-3
-        self.warmup_epochs = 1
+    schedule = short_schedule(epochs=1, iterations=3, val_iterations=1, initial_lr=3e-3, warmup_epochs=1)
