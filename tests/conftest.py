@@ -28,6 +28,27 @@ def run_cmd(args: list[str], env: dict, timeout: float = 1200, check: bool = Tru
     return proc
 
 
+def loss_before_and_after_training(model, x, optimizer, steps: int, seed: int = 0) -> tuple[float, float]:
+    """Mean masked-modelling loss on 4 fixed masks, before and after ``steps`` steps on fresh random masks.
+    Both evaluations stay in train mode, so BatchNorm uses batch statistics as during the steps."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    fixed = [model.random_mask(x, gen) for _ in range(4)]
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return sum(model(x, m)["loss"].item() for m in fixed) / len(fixed)
+
+    before = mean_loss()
+    for _ in range(steps):
+        loss = model(x)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return before, mean_loss()
+
+
 def nnunet_environment(root: Path) -> dict:
     env = dict(os.environ)
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

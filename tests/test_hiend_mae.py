@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import loss_before_and_after_training
 from nnunet_hyspark.errors import HySparKError
 from nnunet_hyspark.models.hiend_mae import HiEndMAE, ViTEncoder, build, export, masked_patch_mse
 from nnunet_hyspark.models.hyspark import normalised_targets
@@ -167,17 +168,7 @@ def test_loss_decreases_on_smooth_volumes():
                      decoder_width=12, decoder_heads=2)
     x = smooth_volumes(2, (16, 16, 16), 8)  # 64 tokens of 4^3 voxels
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(0)
-    fixed = [model.random_mask(x, gen) for _ in range(4)]
-    with torch.no_grad():
-        before = sum(model(x, m)["loss"].item() for m in fixed) / 4
-    for _ in range(25):
-        loss = model(x)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        after = sum(model(x, m)["loss"].item() for m in fixed) / 4
+    before, after = loss_before_and_after_training(model, x, opt, 25)
     assert after < 0.6 * before, (before, after)
 
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import loss_before_and_after_training
 from nnunet_hyspark.masking import kept_token_indices, masks_per_scale, random_cell_mask
 from nnunet_hyspark.models.encoder import HybridEncoder
 from nnunet_hyspark.models.hyspark import HySparK, masked_patch_loss, normalised_targets, patchify, unpatchify
@@ -100,18 +101,7 @@ def test_zero_mask_ratio_equals_the_dense_encoder():
 def test_loss_decreases_over_a_few_dozen_steps():
     model = tiny_model()
     x = smooth_volumes(2)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    fixed_masks = [model.random_mask(x, gen) for _ in range(4)]
-    with torch.no_grad():
-        before = sum(model(x, m)["loss"].item() for m in fixed_masks) / 4
-    for _ in range(40):
-        loss = model(x)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():  # still in train mode: BatchNorm uses batch statistics, as during the steps
-        after = sum(model(x, m)["loss"].item() for m in fixed_masks) / 4
+    before, after = loss_before_and_after_training(model, x, torch.optim.AdamW(model.parameters(), lr=3e-3), 40)
     assert after < 0.8 * before, (before, after)
 
 
