@@ -285,15 +285,6 @@ def build(arch_kwargs: Mapping[str, Any], in_channels: int, args: argparse.Names
                     arch=arch)
 
 
-def validation_loss(model: HiEndMAE, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return model(batch, mask=model.random_mask(batch, gen))["loss"]
-
-
-def preview(model: HiEndMAE, batch: torch.Tensor, gen: torch.Generator) -> dict:
-    out = model(batch, mask=model.random_mask(batch, gen))
-    return {"": model.reconstruct(batch, out["pred"], out["mask"])}
-
-
 def export(model: HiEndMAE, meta: dict[str, Any], path: Path) -> Path:
     from nnunet_hyspark.models.unetr import export_vit_encoder
 

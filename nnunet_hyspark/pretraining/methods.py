@@ -47,11 +47,12 @@ def _build_hyspark(arch_kwargs: Mapping[str, Any], in_channels: int, args: argpa
                    fuse_full_resolution=args.fuse_full_resolution, sparse_backend=args.sparse_backend)
 
 
-def _hyspark_validation_loss(model: HySparK, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+# HySparK and Hi-End-MAE share the MAE interface: random_mask(x, gen), forward(x, mask) and reconstruct
+def _masked_validation_loss(model: nn.Module, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return model(batch, mask=model.random_mask(batch, gen))["loss"]
 
 
-def _hyspark_preview(model: HySparK, batch: torch.Tensor, gen: torch.Generator) -> dict:
+def _masked_preview(model: nn.Module, batch: torch.Tensor, gen: torch.Generator) -> dict:
     out = model(batch, mask=model.random_mask(batch, gen))
     return {"": model.reconstruct(batch, out["pred"], out["mask"])}
 
@@ -101,11 +102,11 @@ def _mim_export(model: nn.Module, meta: dict[str, Any], path: Path) -> Path:
 
 
 METHODS: dict[str, Method] = {
-    "hyspark": Method("hyspark", _build_hyspark, _hyspark_validation_loss, _hyspark_preview, _hyspark_export),
+    "hyspark": Method("hyspark", _build_hyspark, _masked_validation_loss, _masked_preview, _hyspark_export),
     "mim": Method("mim", _build_mim, _mim_validation_loss, _mim_preview, _mim_export, crop_scale=2,
                   network="MiMUNet", finetune_trainer="nnUNetTrainerMiMFinetune", plans="nnUNetMiMPlans",
                   recipe=mim.RECIPE),
-    "hiend_mae": Method("hiend_mae", hiend_mae.build, hiend_mae.validation_loss, hiend_mae.preview, hiend_mae.export,
+    "hiend_mae": Method("hiend_mae", hiend_mae.build, _masked_validation_loss, _masked_preview, hiend_mae.export,
                         network="HiEndUNETR", finetune_trainer="nnUNetTrainerHiEndMAEFinetune",
                         plans="nnUNetHiEndMAEPlans", patch_multiple=1, recipe=hiend_mae.RECIPE),
 }
