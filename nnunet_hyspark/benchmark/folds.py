@@ -29,6 +29,7 @@ from typing import Callable, Sequence, TextIO
 from nnunet_hyspark.benchmark import splits as splits_mod
 from nnunet_hyspark.benchmark import summary as summary_mod
 from nnunet_hyspark.errors import HySparKError, require_nnunet_env
+from nnunet_hyspark.io import atomic_json_save
 
 DEFAULT_SCRATCH_TRAINER = "nnUNetTrainerHySparK"
 DEFAULT_FINETUNE_TRAINER = "nnUNetTrainerHySparKFinetune"
@@ -451,7 +452,7 @@ class Manifest:
     def save(self) -> None:
         with self._lock:
             self.data["updated"] = _now()
-            splits_mod.write_json_atomic(self.path, self.data)
+            atomic_json_save(self.data, self.path)
 
     def set_fold(self, arm: str, fold: int, **fields: object) -> None:
         with self._lock:

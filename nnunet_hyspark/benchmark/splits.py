@@ -20,11 +20,11 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Iterable
 
 from nnunet_hyspark.errors import HySparKError
+from nnunet_hyspark.io import atomic_json_save
 
 Splits = list[dict[str, list[str]]]
 
@@ -195,7 +195,7 @@ def install_splits(splits: Splits, preprocessed_dataset_dir: str | os.PathLike, 
         return target, action
     if current is not None:
         shutil.copy2(target, target.with_name(SPLITS_FILENAME + ".bak"))
-    write_json_atomic(target, splits)
+    atomic_json_save(splits, target)
     return target, action
 
 
@@ -218,18 +218,9 @@ def install_default_splits(preprocessed_dataset_dir: str | os.PathLike, data_fol
         return None
     if len(ids) < 5:
         return None  # nnU-Net itself refuses 5 folds over fewer cases
-    splits = generate_crossval_split([str(i) for i in np.sort(list(ids))], seed=12345, n_splits=5)
-    write_json_atomic(target, [{k: [str(c) for c in v] for k, v in fold.items()} for fold in splits])
+    # exactly the trainer's call (nnUNetTrainer.do_split); json writes numpy's str_ as plain strings
+    atomic_json_save(generate_crossval_split(list(np.sort(list(ids))), seed=12345, n_splits=5), target)
     return target
-
-
-def write_json_atomic(path: str | os.PathLike, data: object) -> None:
-    """Write JSON via a temp file + os.replace, so an interruption never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _preview(items: list[str], n: int = 10) -> str:
