@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 from pathlib import Path
@@ -192,6 +191,7 @@ def _pretrain(args: argparse.Namespace, method, device, dist, train_iter, val_it
     """Build the model and run the loop; returns the exported weights (None on rank > 0 or interrupt)."""
     import torch
 
+    from nnunet_hyspark.io import atomic_json_save
     from nnunet_hyspark.pretraining.loop import LoopConfig, Pretrainer
     from nnunet_hyspark.weights import load_weights_file, transfer_report, format_report
 
@@ -215,8 +215,9 @@ def _pretrain(args: argparse.Namespace, method, device, dist, train_iter, val_it
             "configuration": args.configuration, "patch_size": list(info["patch_size"]),
             "spacing": list(info["spacing"]), "normalization_schemes": info["normalization_schemes"],
             "foreground_intensity_properties_per_channel": info.get("foreground_intensity_properties_per_channel"),
-            "mask_ratio": args.mask_ratio, "batch_size": info["batch_size"], "world_size": dist.world_size,
-            "sparse_backend": args.sparse_backend}
+            "mask_ratio": args.mask_ratio, "batch_size": info["batch_size"], "world_size": dist.world_size}
+    if args.method == "hyspark":  # the only method with a masked CNN; the others ignore --sparse-backend
+        meta["sparse_backend"] = args.sparse_backend
     loop_cfg = LoopConfig(epochs=args.epochs, iterations_per_epoch=args.iterations,
                           val_iterations=args.val_iterations, lr=args.lr, warmup_fraction=args.warmup_fraction,
                           weight_decay_start=args.weight_decay[0], weight_decay_end=args.weight_decay[1],
@@ -226,7 +227,7 @@ def _pretrain(args: argparse.Namespace, method, device, dist, train_iter, val_it
     trainer = Pretrainer(model, method, loop_cfg, train_iter, val_iter, output, meta, device, dist,
                          progress=not args.no_progress)
     if dist.is_main:
-        (output / "pretrain_config.json").write_text(json.dumps({**vars(args), "output": str(output)}, indent=2))
+        atomic_json_save({**vars(args), "output": str(output)}, output / "pretrain_config.json")
     weights_path = trainer.run(resume_from=resume)
     if weights_path is not None:
         print(f"encoder weights: {weights_path}")
