@@ -168,9 +168,9 @@ class HySparK(nn.Module):
     def reconstruct(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Images for previews: masked input, and the reconstruction (predicted patches de-normalised
         with the target's own statistics, kept patches from the input, as MAE visualises)."""
-        _, mean, std = normalised_targets(x.float())
+        x = x.float()
+        _, mean, std = normalised_targets(x)
         full = patchify(pred.float()) * std + mean
         keep = mask.flatten(1)[..., None].to(full.dtype)
-        grid = mask.shape[1:]
-        recon = unpatchify(full * (1 - keep) + patchify(x.float()) * keep, x.shape[1], grid)
-        return {"input": x.float(), "masked": hide(x.float(), masks_per_scale(mask)[0]), "reconstruction": recon}
+        recon = unpatchify(full * (1 - keep) + patchify(x) * keep, x.shape[1], mask.shape[1:])
+        return {"input": x, "masked": hide(x, masks_per_scale(mask)[0]), "reconstruction": recon}
