@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_hyspark.errors import HySparKError
-from nnunet_hyspark.masking import hide, kept_token_indices, random_cell_mask, upsample_mask
+from nnunet_hyspark.masking import kept_token_indices, random_cell_mask
 from nnunet_hyspark.models.blocks import Attention, Mlp, TransformerBlock, init_vit_weights
-from nnunet_hyspark.models.hyspark import normalised_targets, patchify, unpatchify
+from nnunet_hyspark.models.hyspark import normalised_targets, preview_images
 from nnunet_hyspark.models.pos_embed import sincos_3d
 
 DEFAULT_VIT_PATCH = 12
@@ -257,12 +257,7 @@ class HiEndMAE(nn.Module):
     def reconstruct(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Preview images: input, masked input, reconstruction (predicted patches de-normalised with the
         target's own statistics, kept patches from the input, as MAE visualises)."""
-        x = x.float()
-        _, mean, std = normalised_targets(x, patch=self.patch)
-        keep = mask.flatten(1)[..., None].to(x.dtype)
-        full = pred.float() * std + mean
-        recon = unpatchify(full * (1 - keep) + patchify(x, self.patch) * keep, x.shape[1], mask.shape[1:], self.patch)
-        return {"input": x, "masked": hide(x, upsample_mask(mask, self.patch)), "reconstruction": recon}
+        return preview_images(x, pred, mask, self.patch)
 
 
 # ----------------------------------------------------------------------------------------------- method hooks

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_hyspark.masking import ENCODER_STRIDE, hide, masks_per_scale, random_cell_mask
+from nnunet_hyspark.masking import ENCODER_STRIDE, hide, masks_per_scale, random_cell_mask, upsample_mask
 from nnunet_hyspark.models.encoder import HybridEncoder
 
 
@@ -77,6 +77,19 @@ def unpatchify(p: torch.Tensor, channels: int, grid: Sequence[int], patch: int =
     gx, gy, gz = grid
     x = p.reshape(b, gx, gy, gz, channels, patch, patch, patch).permute(0, 4, 1, 5, 2, 6, 3, 7)
     return x.reshape(b, channels, gx * patch, gy * patch, gz * patch)
+
+
+def preview_images(x: torch.Tensor, pred_patches: torch.Tensor, mask: torch.Tensor,
+                   patch: int = ENCODER_STRIDE) -> dict[str, torch.Tensor]:
+    """Images for previews of any masked-patch model: the input, the masked input (NaN where hidden),
+    and the reconstruction (predicted patches de-normalised with the target's own statistics, kept
+    patches from the input, as MAE visualises). ``pred_patches`` is (B, L, C * patch^3)."""
+    x = x.float()
+    _, mean, std = normalised_targets(x, patch=patch)
+    keep = mask.flatten(1)[..., None].to(x.dtype)
+    full = pred_patches.float() * std + mean
+    recon = unpatchify(full * (1 - keep) + patchify(x, patch) * keep, x.shape[1], mask.shape[1:], patch)
+    return {"input": x, "masked": hide(x, upsample_mask(mask, patch)), "reconstruction": recon}
 
 
 def normalised_targets(x: torch.Tensor, eps: float = 1e-6,
@@ -168,9 +181,4 @@ class HySparK(nn.Module):
     def reconstruct(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Images for previews: masked input, and the reconstruction (predicted patches de-normalised
         with the target's own statistics, kept patches from the input, as MAE visualises)."""
-        x = x.float()
-        _, mean, std = normalised_targets(x)
-        full = patchify(pred.float()) * std + mean
-        keep = mask.flatten(1)[..., None].to(full.dtype)
-        recon = unpatchify(full * (1 - keep) + patchify(x) * keep, x.shape[1], mask.shape[1:])
-        return {"input": x, "masked": hide(x, masks_per_scale(mask)[0]), "reconstruction": recon}
+        return preview_images(x, patchify(pred.float()), mask)

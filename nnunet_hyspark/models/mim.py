@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_hyspark.masking import hide, kept_token_indices, random_cell_mask, upsample_mask
+from nnunet_hyspark.masking import kept_token_indices, random_cell_mask, upsample_mask
 from nnunet_hyspark.mim_levels import (CELL, choose_among, coarse_volume, cut_octants, fine_volumes, grouped_mask,
                                        level_patch_size, masked_cells, octant_pooling_matrix, token_grid)
 from nnunet_hyspark.models.blocks import ChannelLayerNorm, TransformerBlock, init_vit_weights
-from nnunet_hyspark.models.hyspark import normalised_targets, patchify, unpatchify
+from nnunet_hyspark.models.hyspark import normalised_targets, preview_images
 from nnunet_hyspark.models.pos_embed import sincos_3d
 
 DEFAULT_WIDTHS = (48, 96, 192, 384)
@@ -338,9 +338,4 @@ class MiM(nn.Module):
     def reconstruct(self, volume: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Preview images of one level: input, masked input, reconstruction (kept cells from the input;
         predicted cells de-normalised with the target's own statistics, as MAE visualises)."""
-        volume = volume.float()
-        _, mean, std = normalised_targets(volume)
-        keep = mask.flatten(1)[..., None].to(volume.dtype)
-        full = pred.float() * std + mean
-        recon = unpatchify(full * (1 - keep) + patchify(volume) * keep, volume.shape[1], mask.shape[1:])
-        return {"input": volume, "masked": hide(volume, upsample_mask(mask, CELL)), "reconstruction": recon}
+        return preview_images(volume, pred, mask, CELL)
