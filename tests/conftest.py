@@ -28,6 +28,21 @@ def run_cmd(args: list[str], env: dict, timeout: float = 1200, check: bool = Tru
     return proc
 
 
+def train_on_masks(model, x, masks, optimizer, autocast_dtype=None) -> list:
+    """One optimiser step per mask (CPU autocast to ``autocast_dtype`` if given); the detached losses."""
+    import torch
+
+    losses = []
+    for m in masks:
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(x, m)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
 def loss_before_and_after_training(model, x, optimizer, steps: int, seed: int = 0) -> tuple[float, float]:
     """Mean masked-modelling loss on 4 fixed masks, before and after ``steps`` steps on fresh random masks.
     Both evaluations stay in train mode, so BatchNorm uses batch statistics as during the steps."""

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import train_on_masks
 from nnunet_hyspark.models.encoder import HybridEncoder
 from nnunet_hyspark.models.hyspark import HySparK
 from nnunet_hyspark.pretraining.distributed import DistContext
@@ -34,14 +35,7 @@ def train(model, x, masks, wrapped=None):
     # SGD is linear in the gradients, so equal parameters mean equal gradients (Adam would turn
     # float-level noise in near-zero gradients into full-size steps)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    losses = []
-    for m in masks:
-        loss = wrapped(x, m)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return losses
+    return train_on_masks(wrapped, x, masks, opt)
 
 
 def worker(rank, port, out):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import loss_before_and_after_training
+from conftest import loss_before_and_after_training, train_on_masks
 from nnunet_hyspark.masking import kept_token_indices, masks_per_scale, random_cell_mask
 from nnunet_hyspark.models.encoder import HybridEncoder
 from nnunet_hyspark.models.hyspark import HySparK, masked_patch_loss, normalised_targets, patchify, unpatchify
@@ -138,15 +138,8 @@ def _loss_curve(precision: str, backend: str, steps: int = 30) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     masks = [model.random_mask(x, gen) for _ in range(steps)]  # the same masks for both precisions
-    losses = []
-    for m in masks:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(x, m)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    losses = train_on_masks(model, x, masks, opt, torch.bfloat16 if precision == "bf16" else None)
+    return [loss.item() for loss in losses]
 
 
 @pytest.mark.parametrize("backend", ["dense", "blocks"])
