@@ -1,6 +1,7 @@
 """Schedule variants of the trainers: their numbers land on the trainer after every base constructor."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,3 +40,14 @@ def test_a_misspelt_schedule_attribute_is_an_error(plans_and_dataset):
     with pytest.raises(AttributeError, match="num_epoch"):
         plans_and_dataset(Misspelt)
     assert plans_and_dataset(nnUNetTrainerHySparKFinetune).warmup_epochs == 20
+
+
+@pytest.mark.e2e
+def test_the_test_schedule_is_seeded(plans_and_dataset):
+    from nnunet_hyspark.trainers.nnUNetTrainerHySparK import nnUNetTrainerHySparK_test
+
+    draws = []
+    for _ in range(2):
+        plans_and_dataset(nnUNetTrainerHySparK_test)
+        draws.append((torch.rand(3), np.random.rand(3)))
+    assert torch.equal(draws[0][0], draws[1][0]) and (draws[0][1] == draws[1][1]).all()
