@@ -1,53 +1,40 @@
-"""Weight files for fine-tuning: export, inspection, channel adaptation, and the official checkpoint.
+"""Weight files for fine-tuning, for every method: the file format, the transfer report, channel adaptation.
 
 The file format is the one ``nnUNetv2_train -pretrained_weights`` loads:
-``{"network_weights": <HySparKUNet state dict without seg_layers>, "hyspark_meta": {...}}``
+``{"network_weights": <fine-tuning network state dict without seg_layers>, "hyspark_meta": {...}}``
 with CPU tensors (nnU-Net loads it without ``map_location``) and a JSON sidecar
 holding the same metadata. nnU-Net's loader requires every non-head key of the
-network, so the file carries the pre-trained encoder *and* a decoder at its
-(seeded) random initialisation; the metadata says which is which. Position
+network, so the file carries the pre-trained encoder *and* the rest of the network
+at its (seeded) random initialisation; the metadata says which is which. Position
 embeddings are fixed sin-cos, rebuilt for any patch size, and never stored.
+Each method's ``weights.py`` builds its network's file on these helpers.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
+from torch import nn
 
 from nnunet_hyspark.errors import HySparKError
 from nnunet_hyspark.io import atomic_json_save, atomic_torch_save
-from nnunet_hyspark.models.encoder import HybridEncoder
-from nnunet_hyspark.models.unet import HySparKUNet
 
 HEAD_KEY = ".seg_layers."  # nnU-Net never transfers these
-DECODER_INIT_SEED = 0
+DECODER_INIT_SEED = 0  # the non-pre-trained parts of every exported network start from this seed
+ENCODER_PREFIX = "encoder."  # every fine-tuning network keeps its pre-trained part under this name
+#: the metadata's description of the parts of a file that are not pre-trained
+DECODER_NOTE = f"random initialisation (seed {DECODER_INIT_SEED}), not pre-trained"
 
 
-def arch_config(encoder: HybridEncoder) -> dict[str, Any]:
-    """Constructor arguments that rebuild ``encoder`` (stored in every weights file)."""
-    emb = encoder.embeddings
-    return {
-        "in_channels": encoder.in_channels,
-        "widths": list(encoder.widths),
-        "depths": [len(layer) for layer in emb.layers()],
-        "expansions": [layer[0].conv2.out_channels // layer[0].conv2.in_channels for layer in emb.layers()],
-        "vit_depth": len(encoder.mae.blocks),
-        "vit_heads": encoder.mae.blocks[0].attn.num_heads if len(encoder.mae.blocks) else 12,
-    }
-
-
-def finetune_network(arch: Mapping[str, Any], num_classes: int = 1) -> HySparKUNet:
-    return HySparKUNet(arch["in_channels"], num_classes, widths=arch["widths"], depths=arch["depths"],
-                       expansions=arch["expansions"], vit_depth=arch["vit_depth"], vit_heads=arch["vit_heads"])
-
-
-def network_weights_with_encoder(encoder_state: Mapping[str, torch.Tensor], arch: Mapping[str, Any]) -> dict:
-    """A full HySparKUNet state dict (minus heads): ``encoder_state`` plus a seeded decoder initialisation."""
+def seeded_network_weights(build_network: Callable[[], nn.Module],
+                           encoder_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full network state dict minus heads (CPU): ``encoder_state`` in ``network.encoder``, everything
+    else at the initialisation ``build_network()`` gives under :data:`DECODER_INIT_SEED`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(DECODER_INIT_SEED)
-        net = finetune_network(arch)
+        net = build_network()
     net.encoder.load_state_dict(encoder_state)
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if HEAD_KEY not in k}
 
@@ -60,14 +47,13 @@ def save_weights_file(network_weights: Mapping[str, torch.Tensor], meta: dict[st
     return path
 
 
-def export_encoder(encoder: HybridEncoder, meta: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Export a (pre-trained) encoder in the format ``nnUNetv2_train -pretrained_weights`` loads."""
-    arch = arch_config(encoder)
-    meta = {**meta, "architecture": arch, "network_class_name": "nnunet_hyspark.models.unet.HySparKUNet",
-            "pretrained_prefixes": ["encoder."],
-            "decoder": f"random initialisation (seed {DECODER_INIT_SEED}), not pre-trained"}
-    weights = network_weights_with_encoder(encoder.state_dict(), arch)
-    return save_weights_file(weights, meta, path)
+def export_network_weights(network_weights: Mapping[str, torch.Tensor], arch: Mapping[str, Any], class_name: str,
+                           meta: dict[str, Any], path: str | os.PathLike, decoder: str = DECODER_NOTE) -> Path:
+    """Write a method's weights file: ``meta`` plus the architecture, the network's dotted class path,
+    which part is pre-trained (``encoder.``) and what ``decoder`` (the rest) is."""
+    meta = {**meta, "architecture": dict(arch), "network_class_name": class_name,
+            "pretrained_prefixes": [ENCODER_PREFIX], "decoder": decoder}
+    return save_weights_file(network_weights, meta, path)
 
 
 def load_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -98,7 +84,7 @@ def transfer_report(network_state: Mapping[str, torch.Tensor], file_state: Mappi
 
 def format_report(report: Mapping[str, list], meta: Mapping[str, Any] | None = None) -> list[str]:
     """Human-readable lines: counts per category, with encoder and decoder separated."""
-    pre = tuple((meta or {}).get("pretrained_prefixes", ["encoder."]))
+    pre = tuple((meta or {}).get("pretrained_prefixes", [ENCODER_PREFIX]))
     n_pre = sum(k.startswith(pre) for k in report["loaded"])
     lines = [f"loaded {len(report['loaded'])} tensors ({n_pre} pre-trained encoder tensors, "
              f"{len(report['loaded']) - n_pre} decoder tensors at their exported initialisation)",
@@ -120,3 +106,26 @@ def adapt_input_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
     if c != 1:
         raise HySparKError(f"can only adapt a 1-channel stem, this one has {c} channels")
     return weight.repeat(1, channels, *([1] * (weight.ndim - 2))) / channels
+
+
+def encoder_state_of(network_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``encoder.`` part of a network state dict, with the prefix removed."""
+    return {k[len(ENCODER_PREFIX):]: v for k, v in network_weights.items() if k.startswith(ENCODER_PREFIX)}
+
+
+def adapt_network_channels(network_weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any], in_channels: int,
+                           stem_key: str, build_network: Callable[[Mapping[str, Any], int], nn.Module]
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A weights file for ``in_channels`` inputs: the pre-trained ``stem_key`` repeated over the channels
+    (:func:`adapt_input_channels`), the parts that are not pre-trained re-initialised (seeded) for that
+    many channels by ``build_network(architecture, in_channels)``."""
+    arch = dict(meta.get("architecture") or {})
+    if not arch:
+        raise HySparKError("the weights file has no 'architecture' in its metadata",
+                           "export it again with hyspark_pretrain")
+    encoder_state = encoder_state_of(network_weights)
+    key = stem_key[len(ENCODER_PREFIX):]
+    encoder_state[key] = adapt_input_channels(encoder_state[key], in_channels)
+    arch["in_channels"] = in_channels
+    weights = seeded_network_weights(lambda: build_network(arch, in_channels), encoder_state)
+    return weights, {**meta, "architecture": arch}

@@ -4,32 +4,33 @@ The same rules as :class:`~nnunet_hyspark.planners.hyspark_planner.HySparKPlanne
 spacing, normalisation and configurations; aspect-ratio patch clipped to the median shape, shrunk
 to a GPU memory target; batch size from the same target and nnU-Net's 5 % rule), with:
 
-* the network ``nnunet_hyspark.models.unetr.HiEndUNETR`` (presets :data:`ARCH_PRESETS`: base,
+* the network ``nnunet_hyspark.methods.hiend_mae.network.HiEndUNETR`` (presets :data:`ARCH_PRESETS`: base,
   large, tiny) and its ViT patch (12 by default, 16 optional) as the patch multiple on every axis;
 * at most :data:`MAX_TOKENS` ViT tokens per patch (attention cost grows with their square; the
   paper's 96^3 crops have 512), on top of the memory target;
 * ``arch_kwargs['strides']`` = the network's resolution pyramid
-  (:func:`nnunet_hyspark.models.unetr.plans_strides`), from which nnU-Net derives its
+  (:func:`nnunet_hyspark.methods.hiend_mae.network.plans_strides`), from which nnU-Net derives its
   deep-supervision scales (1, 1/2, 1/4, 1/12 for patch 12; 1, 1/2, 1/4, 1/8 for 16).
 
 Plans identifier: ``nnUNetHiEndMAEPlans``.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
 
-from nnunet_hyspark.models.hiend_mae import DEFAULT_VIT_PATCH, VIT_CONFIGS
-from nnunet_hyspark.models.unetr import NETWORK_CLASS_NAME, estimate_training_memory_gb, plans_strides
+from nnunet_hyspark.methods import get_method
+from nnunet_hyspark.methods.hiend_mae.encoder import DEFAULT_VIT_PATCH, VIT_CONFIGS
+from nnunet_hyspark.methods.hiend_mae.memory import estimate_training_memory
+from nnunet_hyspark.methods.hiend_mae.network import plans_strides
 from nnunet_hyspark.planners.hyspark_planner import DEFAULT_GPU_MEMORY_TARGET_GB, HySparKPlanner
 
 PLANS_NAME = "nnUNetHiEndMAEPlans"
 VIT_PATCHES = (12, 16)
 MAX_TOKENS = 12 ** 3  # e.g. 144^3 voxels at ViT patch 12
 
-#: Fine-tuning network presets: the ViT (see hiend_mae.VIT_CONFIGS) and the UNETR decoder's feature size.
+#: Fine-tuning network presets: the ViT (see methods.hiend_mae.encoder.VIT_CONFIGS) and the UNETR decoder's feature size.
 ARCH_PRESETS: dict[str, dict] = {name: {**cfg, "feature_size": 4 if name == "tiny" else 16}
                                  for name, cfg in VIT_CONFIGS.items()}
 
@@ -39,7 +40,7 @@ class HiEndMAEPlanner(HySparKPlanner):
 
     arch_presets = ARCH_PRESETS
     patch_multiple = DEFAULT_VIT_PATCH  # the instance's is its ViT patch
-    network_class_name = NETWORK_CLASS_NAME
+    network_class_name = get_method("hiend_mae").network.class_name
 
     def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = DEFAULT_GPU_MEMORY_TARGET_GB,
                  preprocessor_name: str = 'DefaultPreprocessor', plans_name: str = PLANS_NAME,
@@ -58,9 +59,8 @@ class HiEndMAEPlanner(HySparKPlanner):
         return int(np.prod([p // self.patch_multiple for p in patch]))
 
     def estimate(self, patch_size: Sequence[int], batch_size: int):
-        gb = estimate_training_memory_gb(patch_size, batch_size, self._num_input_channels(), self._num_classes(),
-                                         **self.arch_kwargs)
-        return SimpleNamespace(total_gb=gb)
+        return estimate_training_memory(patch_size, batch_size, self._num_input_channels(), self._num_classes(),
+                                        **self.arch_kwargs)
 
     def shrink_to_fit(self, patch: list[int], median_shape: Sequence[float]) -> list[int]:
         """First at most ``max_tokens`` tokens, then the memory target (both with nnU-Net's shrinking rule)."""

@@ -4,13 +4,13 @@ Everything nnU-Net decides about the data stays nnU-Net's: target spacing,
 transpose, normalisation, resampling, which configurations exist (3d_lowres only
 where nnU-Net would create one). What changes, for 3d_fullres and 3d_lowres:
 
-* the architecture is ``nnunet_hyspark.models.unet.HySparKUNet`` (base or tiny
+* the architecture is ``nnunet_hyspark.methods.hyspark.network.HySparKUNet`` (base or tiny
   preset, see :data:`ARCH_PRESETS`);
 * the patch size is a multiple of 16 on every axis (the hybrid encoder
   downsamples by 16 before the ViT): nnU-Net's aspect-ratio initial patch (the
   volume of 256^3, shaped like 1/spacing), each axis rounded down to a multiple
   of 16, clipped to the median shape rounded up to a multiple of 16, at least 16;
-  then, while the memory estimate (:mod:`nnunet_hyspark.memory`) for batch size
+  then, while the memory estimate (:mod:`nnunet_hyspark.methods.hyspark.memory`) for batch size
   2 exceeds the GPU memory target, the axis that is largest relative to the
   median shape shrinks by 16 (nnU-Net's rule, with the hybrid's step);
 * the batch size is the largest that fits the target (at least 2), capped by
@@ -35,10 +35,12 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
 from nnunet_hyspark.errors import HySparKError
-from nnunet_hyspark.memory import estimate_training_memory, max_batch_size
+from nnunet_hyspark.patch_rules import check_patch_multiple
+from nnunet_hyspark.methods import get_method
+from nnunet_hyspark.methods.hyspark.memory import estimate_training_memory, max_batch_size
 
 PLANS_NAME = "nnUNetHySparKPlans"
-NETWORK_CLASS_NAME = "nnunet_hyspark.models.unet.HySparKUNet"
+NETWORK_CLASS_NAME = get_method("hyspark").network.class_name
 PATCH_MULTIPLE = 16
 DEEP_SUPERVISION_STRIDES = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
 MIN_MEDIAN_EXTENT = 8  # refuse data whose median image is thinner (patches would be mostly padding)
@@ -82,9 +84,8 @@ class HySparKPlanner(ExperimentPlanner):
         self.arch = arch
         self.arch_kwargs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.arch_presets[arch].items()}
         if patch_size is not None:
-            patch_size = [int(i) for i in patch_size]
-            if len(patch_size) != 3 or any(i <= 0 or i % self.patch_multiple for i in patch_size):
-                raise ValueError(f"patch size {patch_size} must be three positive multiples of {self.patch_multiple}")
+            patch_size = list(check_patch_multiple(patch_size, self.patch_multiple, "patch_size of the planner",
+                                                   why=f"the network downsamples by {self.patch_multiple}"))
         # given in the (transposed) axis order of the plans, like the plans' own patch_size; 3d_fullres only
         self.fixed_patch_size = patch_size
         self.hyspark_notes: list[str] = []  # warnings collected while planning (printed by the command)
@@ -98,7 +99,7 @@ class HySparKPlanner(ExperimentPlanner):
         return max(2, len(self.dataset_json['labels']))
 
     def estimate(self, patch_size: Sequence[int], batch_size: int):
-        """Memory estimate of this plan's network (see :mod:`nnunet_hyspark.memory`)."""
+        """Memory estimate of this plan's network (see :mod:`nnunet_hyspark.methods.hyspark.memory`)."""
         return estimate_training_memory(patch_size, batch_size, self._num_input_channels(), self._num_classes(),
                                         **self.arch_kwargs)
 

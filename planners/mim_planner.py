@@ -4,7 +4,7 @@ The same rules as :class:`~nnunet_hyspark.planners.hyspark_planner.HySparKPlanne
 spacing, normalisation and configurations; aspect-ratio patch clipped to the median shape,
 shrunk to a GPU memory target; batch size from the same target and nnU-Net's 5 % rule), with:
 
-* the network ``nnunet_hyspark.models.mim_unet.MiMUNet`` (presets :data:`ARCH_PRESETS`: base =
+* the network ``nnunet_hyspark.methods.mim.network.MiMUNet`` (presets :data:`ARCH_PRESETS`: base =
   the paper's, tiny = CPU demos and tests) and its memory estimate;
 * patch axes multiples of **32**: the fine-tuning network's fifth stage downsamples to 1/32,
   and MiM pre-training splits the 1/16 token grid of a level patch into halves per axis;
@@ -19,8 +19,10 @@ from __future__ import annotations
 from typing import Sequence
 
 
-from nnunet_hyspark.mim_levels import LEVEL_MULTIPLE
-from nnunet_hyspark.models import mim_unet
+from nnunet_hyspark.methods import get_method
+from nnunet_hyspark.methods.mim import memory
+from nnunet_hyspark.methods.mim.levels import LEVEL_MULTIPLE
+from nnunet_hyspark.methods.mim.network import strides_for
 from nnunet_hyspark.planners.hyspark_planner import DEFAULT_GPU_MEMORY_TARGET_GB, HySparKPlanner
 
 PLANS_NAME = "nnUNetMiMPlans"
@@ -39,8 +41,8 @@ class MiMPlanner(HySparKPlanner):
 
     arch_presets = ARCH_PRESETS
     patch_multiple = LEVEL_MULTIPLE  # 32
-    network_class_name = mim_unet.NETWORK_CLASS_NAME
-    deep_supervision_strides = mim_unet.strides_for(fifth_stage=True)
+    network_class_name = get_method("mim").network.class_name
+    deep_supervision_strides = strides_for(fifth_stage=True)
 
     def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = DEFAULT_GPU_MEMORY_TARGET_GB,
                  preprocessor_name: str = 'DefaultPreprocessor', plans_name: str = PLANS_NAME,
@@ -50,11 +52,11 @@ class MiMPlanner(HySparKPlanner):
                          overwrite_target_spacing, suppress_transpose, arch, patch_size)
 
     def estimate(self, patch_size: Sequence[int], batch_size: int):
-        return mim_unet.estimate_training_memory(patch_size, batch_size, self._num_input_channels(),
+        return memory.estimate_training_memory(patch_size, batch_size, self._num_input_channels(),
                                                  self._num_classes(), **self.arch_kwargs)
 
     def batch_size_for(self, patch: Sequence[int], approximate_n_voxels_dataset: float) -> int:
         """Largest batch size that fits the target, capped by nnU-Net's 5 % rule, at least 2."""
-        fits = mim_unet.max_batch_size(patch, self.UNet_vram_target_GB, input_channels=self._num_input_channels(),
+        fits = memory.max_batch_size(patch, self.UNet_vram_target_GB, input_channels=self._num_input_channels(),
                                        num_classes=self._num_classes(), **self.arch_kwargs)
         return self.cap_batch_size(fits, patch, approximate_n_voxels_dataset)

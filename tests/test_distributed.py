@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import train_on_masks
-from nnunet_hyspark.models.encoder import HybridEncoder
-from nnunet_hyspark.models.hyspark import HySparK
+from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
+from nnunet_hyspark.methods.hyspark.model import HySparK
 from nnunet_hyspark.pretraining.distributed import DistContext
 
 TINY = dict(widths=(8, 16, 16, 24, 24), depths=(1, 1, 1, 1, 1), expansions=(2, 2, 2, 2, 2), vit_depth=1,

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import run_cmd
-from nnunet_hyspark.models.encoder import HybridEncoder
-from nnunet_hyspark.weights import export_encoder
+from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
+from nnunet_hyspark.methods.hyspark.weights import export_encoder
 
 pytestmark = pytest.mark.e2e
 PLANS = "nnUNetHySparKPlans"

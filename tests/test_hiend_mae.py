@@ -1,7 +1,6 @@
 """Hi-End-MAE: ViT encoder, hierarchical decoder, loss, optimiser groups, HiEndUNETR, weights, end to end."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -14,10 +13,14 @@ import torch
 
 from conftest import loss_before_and_after_training
 from nnunet_hyspark.errors import HySparKError
-from nnunet_hyspark.models.hiend_mae import HiEndMAE, ViTEncoder, build, export, masked_patch_mse
-from nnunet_hyspark.models.hyspark import normalised_targets
-from nnunet_hyspark.models.unetr import (HiEndUNETR, deep_supervision_scales,
-                                        plans_strides, up_factors)
+from nnunet_hyspark.mae import masked_patch_mse, normalised_targets
+from nnunet_hyspark.methods import ModelOptions
+from nnunet_hyspark.methods.hiend_mae.encoder import ViTEncoder
+from nnunet_hyspark.methods.hiend_mae.model import HiEndMAE
+from nnunet_hyspark.methods.hiend_mae.model import build_model as build
+from nnunet_hyspark.methods.hiend_mae.weights import export
+from nnunet_hyspark.methods.hiend_mae.network import (HiEndUNETR, deep_supervision_scales,
+                                                     plans_strides, up_factors)
 
 # 6 blocks so that the tapped layers (2, 4, 5) are neither the first nor the last
 TINY = dict(embed_dim=24, depth=6, num_heads=2, mlp_ratio=2.0, taps=(2, 4, 5))
@@ -75,7 +78,7 @@ def test_queries_restore_the_original_order_with_mask_tokens():
     with torch.no_grad():
         feats = model.encoder(x, torch.nonzero(mask.flatten())[:, 0][None])
         model(x, mask)
-    from nnunet_hyspark.models.pos_embed import sincos_3d
+    from nnunet_hyspark.layers.pos_embed import sincos_3d
     q = seen["q"][0, 1:] - sincos_3d(12, mask.shape[1:])
     kept = mask.flatten()
     assert torch.allclose(q[kept], model.decoder.proj[-1](feats[-1])[0, 1:], atol=1e-5)
@@ -118,7 +121,7 @@ def test_patch_axes_must_be_multiples_of_the_vit_patch():
     model = tiny_mae()
     with pytest.raises(HySparKError, match="axis 1 has 30 voxels"):
         model(torch.randn(1, 1, 24, 30, 24))
-    args = argparse.Namespace(mask_ratio=0.75, decoder_width=None, patch_size=None)
+    args = ModelOptions(mask_ratio=0.75)
     with pytest.raises(HySparKError, match="axis 2 has 20 voxels"):
         build({**TINY, "vit_patch": 12, "patch_size": [24, 24, 20]}, 1, args)
     with pytest.raises(ValueError, match="taps"):
@@ -127,7 +130,7 @@ def test_patch_axes_must_be_multiples_of_the_vit_patch():
 
 def test_weight_decay_groups_of_the_loop_exempt_biases_norms_and_tokens(tmp_path):
     from nnunet_hyspark.pretraining.loop import LoopConfig, Pretrainer
-    from nnunet_hyspark.pretraining.methods import METHODS
+    from nnunet_hyspark.methods import METHODS
 
     model = tiny_mae()
     cfg = LoopConfig(weight_decay_start=0.05, weight_decay_end=0.05, betas=(0.9, 0.95))
@@ -150,7 +153,7 @@ def test_weight_decay_groups_of_the_loop_exempt_biases_norms_and_tokens(tmp_path
 
 def test_method_recipe_fills_left_out_options():
     from nnunet_hyspark.cli.pretrain import apply_method_defaults, build_parser
-    from nnunet_hyspark.pretraining.methods import METHODS
+    from nnunet_hyspark.methods import METHODS
 
     args = apply_method_defaults(build_parser().parse_args(["-d", "1", "--method", "hiend_mae"]), METHODS["hiend_mae"])
     assert (args.plans, tuple(args.betas), tuple(args.weight_decay)) == ("nnUNetHiEndMAEPlans", (0.9, 0.95), (0.05, 0.05))
@@ -232,7 +235,7 @@ def test_exported_weights_load_with_nnunet_and_adapt_channels(tmp_path):
     model.arch = arch
     path = export(model, {"method": "hiend_mae"}, tmp_path / "w.pth")
     meta = json.loads(path.with_suffix(".json").read_text())
-    assert meta["network_class_name"] == "nnunet_hyspark.models.unetr.HiEndUNETR"
+    assert meta["network_class_name"] == "nnunet_hyspark.methods.hiend_mae.network.HiEndUNETR"
     net = HiEndUNETR(1, 4, (36, 24, 48), **{k: v for k, v in arch.items() if k != "patch_size"})
     load_pretrained_weights(net, str(path))
     for k, v in model.encoder.state_dict().items():
@@ -296,7 +299,7 @@ def test_end_to_end_pretrain_finetune_predict(tmp_path):
           "--patch-size", "24", "24", "24"], env)
     name = next((tmp_path / "raw").glob(f"Dataset{ds}_*")).name
     cfg = json.loads((tmp_path / "pre" / name / f"{plans}.json").read_text())["configurations"]["3d_fullres"]
-    assert cfg["architecture"]["network_class_name"] == "nnunet_hyspark.models.unetr.HiEndUNETR"
+    assert cfg["architecture"]["network_class_name"] == "nnunet_hyspark.methods.hiend_mae.network.HiEndUNETR"
     assert cfg["architecture"]["arch_kwargs"]["strides"] == plans_strides(12)
     out = _run(["hyspark_pretrain", "-d", ds, "--method", "hiend_mae", "--epochs", "1", "--iterations", "2",
                 "--val-iterations", "1", "-b", "2", "--device", "cpu", "--num-workers", "0", "--no-progress"], env)

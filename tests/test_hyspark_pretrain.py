@@ -4,8 +4,9 @@ import torch
 
 from conftest import loss_before_and_after_training, train_on_masks
 from nnunet_hyspark.masking import kept_token_indices, masks_per_scale, random_cell_mask
-from nnunet_hyspark.models.encoder import HybridEncoder
-from nnunet_hyspark.models.hyspark import HySparK, masked_patch_loss, normalised_targets, patchify, unpatchify
+from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
+from nnunet_hyspark.mae import normalised_targets, patchify, unpatchify
+from nnunet_hyspark.methods.hyspark.model import HySparK, masked_patch_loss
 
 TINY = dict(widths=(8, 16, 16, 24, 24), depths=(1, 2, 1, 1, 1), expansions=(2, 2, 2, 2, 2), vit_depth=1,
             vit_heads=2)

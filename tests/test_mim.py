@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_hyspark import mim_levels as L
-from nnunet_hyspark.models.mim import MiM, MiMBackbone, alignment_loss, masked_cell_loss
+from nnunet_hyspark.methods.mim import levels as L
+from nnunet_hyspark.mae import masked_patch_mse as masked_cell_loss
+from nnunet_hyspark.methods.mim.model import MiM, MiMBackbone, alignment_loss
 from nnunet_hyspark.masking import upsample_mask
-from nnunet_hyspark.models.mim_unet import MiMUNet, adapt_weights_channels, export_mim_weights, strides_for
+from nnunet_hyspark.methods.mim.network import MiMUNet, strides_for
+from nnunet_hyspark.methods.mim.weights import adapt_weights_channels, export_mim_weights
 
 TINY = dict(widths=(8, 8, 16, 24), conv_depths=(1, 1, 1), vit_depth=1, vit_heads=2)
 TINY_UNET = dict(TINY, feature_size=8, fifth_width=32)
@@ -181,7 +183,7 @@ def test_every_parameter_gets_a_gradient_and_loss_decreases():
 
 
 def test_preview_panels_per_level():
-    from nnunet_hyspark.pretraining.methods import METHODS
+    from nnunet_hyspark.methods import METHODS
 
     model = tiny_mim().eval()
     with torch.no_grad():
@@ -226,7 +228,7 @@ def test_exported_weights_load_into_the_finetune_network(tmp_path):
     path = export_mim_weights(model.encoder, arch, {"method": "mim"}, tmp_path / "w.pth")
     weights, meta = load_weights_file(path)
     assert json.loads(path.with_suffix(".json").read_text())["method"] == "mim"
-    assert meta["network_class_name"] == "nnunet_hyspark.models.mim_unet.MiMUNet"
+    assert meta["network_class_name"] == "nnunet_hyspark.methods.mim.network.MiMUNet"
     assert all(v.device.type == "cpu" for v in weights.values())
     assert not any(".seg_layers." in k for k in weights)
     assert not any(k.startswith(("fusion", "decoder_", "mask_token", "align")) for k in weights)
@@ -271,12 +273,10 @@ def test_planner_and_benchmark_accept_mim(tmp_path):
     _validate_args(args)
     assert args.plans_name == "nnUNetHySparKPlans"
 
-    import argparse
-
-    from nnunet_hyspark.pretraining.methods import METHODS
+    from nnunet_hyspark.methods import METHODS, ModelOptions
 
     with pytest.raises(HySparKError, match="multiple of 32"):  # hyspark_pretrain --method mim --patch-size 48 64 64
-        METHODS["mim"].build(dict(TINY), 1, argparse.Namespace(patch_size=[48, 64, 64], decoder_width=None))
+        METHODS["mim"].build_model(dict(TINY), 1, ModelOptions(mask_ratio=0.75, level_patch=(48, 64, 64)))
 
     w = tmp_path / "w.pth"
     w.write_bytes(b"x")

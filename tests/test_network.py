@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from nnunet_hyspark.models.encoder import HybridEncoder
-from nnunet_hyspark.models.pos_embed import sincos_3d
-from nnunet_hyspark.models.unet import HySparKUNet
+from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
+from nnunet_hyspark.layers.pos_embed import sincos_3d
+from nnunet_hyspark.methods.hyspark.network import HySparKUNet
 
 TINY = dict(widths=(8, 16, 16, 24, 24), depths=(1, 1, 1, 1, 1), expansions=(2, 2, 2, 2, 2), vit_depth=1,
             vit_heads=2)
@@ -36,14 +36,14 @@ def test_encoder_returns_five_skip_maps():
 def test_default_encoder_matches_the_published_size():
     enc = HybridEncoder(1)
     n = sum(p.numel() for p in enc.parameters())
-    # 11.9 M in the design doc includes the fixed (1, 216, 384) position embedding and the
+    # the published 11.9 M include the fixed (1, 216, 384) position embedding and the
     # (1, 1, 384) ViT mask token, which this project does not store
     assert abs(n + 216 * 384 + 384 - 11.9e6) < 0.05e6
     assert len(enc.state_dict()) == 120  # 122 published tensors minus pos_embed and mask_token
 
 
 def test_patch_not_multiple_of_16_names_the_axis():
-    with pytest.raises(ValueError, match="axis 1 has 40 voxels"):
+    with pytest.raises(ValueError, match=r"axis 1 \(y\) = 40 is not a multiple of 16"):
         HySparKUNet(1, 2, patch_size=(32, 40, 32), **TINY)
     with pytest.raises(ValueError, match="axis 2"):
         HybridEncoder(1, **TINY)(torch.randn(1, 1, 32, 32, 24))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_hyspark import memory
+from nnunet_hyspark.methods.hyspark import memory
 from nnunet_hyspark.cli.plan_and_preprocess import main
 from nnunet_hyspark.errors import HySparKError
 from nnunet_hyspark.planners.hyspark_planner import (ARCH_PRESETS, DEEP_SUPERVISION_STRIDES, NETWORK_CLASS_NAME,
@@ -125,7 +125,7 @@ def test_memory_estimate_is_monotone_in_patch_and_batch(arch):
 
 @pytest.mark.parametrize("arch", ["tiny", "base"])
 def test_parameter_count_matches_the_network(arch):
-    from nnunet_hyspark.models.unet import HySparKUNet
+    from nnunet_hyspark.methods.hyspark.network import HySparKUNet
 
     net = HySparKUNet(1, 4, **ARCH_PRESETS[arch])
     assert memory.count_parameters(1, 4, **ARCH_PRESETS[arch]) == sum(p.numel() for p in net.parameters())
@@ -133,7 +133,7 @@ def test_parameter_count_matches_the_network(arch):
 
 def test_activation_estimate_matches_what_autograd_keeps():
     """The per-layer accounting against the bytes autograd really saves (CPU autocast, tiny net, 32x32x48)."""
-    from nnunet_hyspark.models.unet import HySparKUNet
+    from nnunet_hyspark.methods.hyspark.network import HySparKUNet
 
     torch.manual_seed(0)
     net = HySparKUNet(1, 2, **TINY)
@@ -251,7 +251,7 @@ def test_planner_memory_target_too_small(tmp_path, monkeypatch):
 
 
 def test_network_rejects_other_strides():
-    from nnunet_hyspark.models.unet import HySparKUNet
+    from nnunet_hyspark.methods.hyspark.network import HySparKUNet
 
     HySparKUNet(1, 2, strides=DEEP_SUPERVISION_STRIDES, **TINY)
     with pytest.raises(ValueError, match="strides"):
@@ -362,9 +362,9 @@ def test_non_ct_channel_is_refused(env, capsys):
     (folder / "dataset.json").write_text(json.dumps(dj))
     _expect_user_error(capsys, ["-d", "905", "-np", "1"], "MRI", "--allow-non-ct")
     assert not (env / "pre" / folder.name).exists()
-    from nnunet_hyspark.cli.plan_and_preprocess import _check_channels
+    from nnunet_hyspark.planning.raw_checks import check_channels
 
-    _check_channels(folder.name, dj, allow_non_ct=True)  # the switch lets it through
+    check_channels(folder.name, dj, allow_non_ct=True)  # the switch lets it through
 
 
 def test_unlabeled_without_plans_from_is_refused(env, capsys):
@@ -412,7 +412,7 @@ def test_failure_while_preprocessing_restores_the_previous_outputs(env, monkeypa
 
 
 def test_failure_on_a_new_dataset_removes_its_folder(env, monkeypatch):
-    import nnunet_hyspark.cli.plan_and_preprocess as cli
+    import nnunet_hyspark.planning.nnunet_steps as steps
 
     folder = _copy_dataset(env, 908, "HypNew")
 
@@ -422,7 +422,7 @@ def test_failure_on_a_new_dataset_removes_its_folder(env, monkeypatch):
         (out / "dataset_fingerprint.json").write_text("{")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_fingerprint", crash)
+    monkeypatch.setattr(steps, "fingerprint", crash)
     with pytest.raises(SystemExit) as e:
         main(["-d", "908", "-np", "1"])
     assert e.value.code == 130

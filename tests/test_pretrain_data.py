@@ -1,4 +1,4 @@
-"""Tests of the pre-training data pipeline (nnunet_hyspark.pretrain_data) on tiny fake preprocessed datasets."""
+"""Tests of the pre-training data pipeline (nnunet_hyspark.pretraining.data) on tiny fake preprocessed datasets."""
 from __future__ import annotations
 
 import multiprocessing
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from fakes import write_fake_preprocessed_dataset
 from nnunet_hyspark.errors import HySparKError
-from nnunet_hyspark.pretrain_data import (
+from nnunet_hyspark.pretraining.data import (
     PerAxisMirrorTransform,
     PretrainDataConfig,
     body_threshold_to_normalized,
@@ -17,7 +18,6 @@ from nnunet_hyspark.pretrain_data import (
     build_pretrain_transforms,
     measure_crops_per_second,
     pretrain_loaders,
-    write_fake_preprocessed_dataset,
 )
 
 FG = {"mean": 0.0, "std": 300.0, "percentile_00_5": -1000.0, "percentile_99_5": 1000.0}

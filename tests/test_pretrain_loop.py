@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from nnunet_hyspark.io import atomic_torch_save
-from nnunet_hyspark.models.encoder import HybridEncoder
-from nnunet_hyspark.models.hyspark import HySparK
+from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
+from nnunet_hyspark.methods.hyspark.model import HySparK
 from nnunet_hyspark.pretraining.loop import LoopConfig, NonFiniteLoss, Pretrainer
-from nnunet_hyspark.pretraining.methods import METHODS
+from nnunet_hyspark.methods import METHODS
 
 TINY = dict(widths=(8, 16, 16, 24, 24), depths=(1, 1, 1, 1, 1), expansions=(2, 2, 2, 2, 2), vit_depth=1,
             vit_heads=2)

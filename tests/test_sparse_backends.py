@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nnunet_hyspark.masking import random_cell_mask, upsample_mask
-from nnunet_hyspark.models.encoder import CNNEmbeddings, HybridEncoder, run_masked_cnn
+from nnunet_hyspark.methods.hyspark.encoder import CNNEmbeddings, HybridEncoder, run_masked_cnn
 from nnunet_hyspark.sparse import available_backends, get_backend
 from nnunet_hyspark.sparse.blocks import BlockSparseBackend, CellLayout, gather_halo
 
@@ -120,8 +120,8 @@ def test_full_encoder_matches_dense(backend):
     torch.manual_seed(0)
     enc = HybridEncoder(widths=WIDTHS, depths=DEPTHS, expansions=EXPANSIONS, vit_heads=4)
     x, mask = _inputs((32, 48, 32), 2, 0.5)
-    ref = enc(x, mask, backend="dense")
-    out = enc(x, mask, backend=backend)
+    ref = enc(x, mask, backend=get_backend("dense"))
+    out = enc(x, mask, backend=get_backend(backend))
     for i, (a, b) in enumerate(zip(out, ref)):
         assert a.shape == b.shape
         _assert_close(a, b, f"encoder output {i}")
@@ -175,7 +175,7 @@ def test_backend_registry_errors():
     enc = HybridEncoder(widths=WIDTHS, depths=DEPTHS, expansions=EXPANSIONS, vit_heads=4)
     x, mask = _inputs((32, 32, 32), 1, 0.5)
     with pytest.raises(ValueError, match="unknown sparse backend"):
-        enc(x, mask, backend="no-such-backend")
+        enc(x, mask, backend=get_backend("no-such-backend"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")

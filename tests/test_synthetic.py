@@ -182,7 +182,7 @@ def test_error_during_generation_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return np.zeros((16, 16, 16), np.float32), np.zeros((16, 16, 16), np.uint8)
 
-    monkeypatch.setattr(synthetic, "make_case", boom)
+    monkeypatch.setattr(synthetic.dataset, "make_case", boom)  # write_dataset calls the make_case of its module
     with pytest.raises(RuntimeError):
         write_dataset(tmp_path, 906, None, num_cases=3, shape=(16, 16, 16), progress=False)
     assert list(tmp_path.iterdir()) == []

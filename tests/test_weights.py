@@ -6,12 +6,13 @@ import torch
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
 from nnunet_hyspark.cli.convert_checkpoint import main as convert_main
-from nnunet_hyspark.models.encoder import HybridEncoder
-from nnunet_hyspark.models.pos_embed import sincos_3d
-from nnunet_hyspark.models.unet import HySparKUNet
+from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
+from nnunet_hyspark.layers.pos_embed import sincos_3d
+from nnunet_hyspark.methods.hyspark.network import HySparKUNet
 from nnunet_hyspark.trainers.nnUNetTrainerHySparKFinetune import (plans_compatibility_problems,
                                                                    pretrained_weights_argument)
-from nnunet_hyspark.weights import export_encoder, load_weights_file, transfer_report
+from nnunet_hyspark.methods.hyspark.weights import export_encoder
+from nnunet_hyspark.weights import load_weights_file, transfer_report
 
 TINY = dict(widths=(8, 16, 16, 24, 24), depths=(1, 1, 1, 1, 1), expansions=(2, 2, 2, 2, 2), vit_depth=1,
             vit_heads=2)
@@ -55,7 +56,7 @@ def test_transfer_report_counts(tmp_path):
 
 
 def official_layout(enc: HybridEncoder, grid=(6, 6, 6)) -> dict:
-    """A state dict laid out like the published HySparK file (section 4 of the design doc)."""
+    """A state dict laid out like the published HySparK file (``docs/methods.md``)."""
     sd = dict(enc.state_dict())
     sd["mae.pos_embed"] = sincos_3d(enc.widths[4], grid)[None]
     sd["mae.mask_token"] = torch.zeros(1, 1, enc.widths[4])

@@ -12,11 +12,13 @@ Position embeddings are fixed sin-cos, rebuilt for the plans' token grid (patch 
 """
 from __future__ import annotations
 
-from nnunet_hyspark.models.unetr import NETWORK_CLASS_NAME, STEM_KEY
+from nnunet_hyspark.methods import get_method
 from nnunet_hyspark.trainers.nnUNetTrainerHySparK import ScheduleVariant, short_schedule
 from nnunet_hyspark.trainers.nnUNetTrainerHySparKFinetune import nnUNetTrainerHySparKFinetune
 
 __all__ = ["nnUNetTrainerHiEndMAEFinetune", "nnUNetTrainerHiEndMAEFinetune_test"]
+
+NETWORK = get_method("hiend_mae").network
 
 
 class nnUNetTrainerHiEndMAEFinetune(nnUNetTrainerHySparKFinetune):
@@ -25,22 +27,22 @@ class nnUNetTrainerHiEndMAEFinetune(nnUNetTrainerHySparKFinetune):
     def initialize(self):
         if not self.was_initialized:
             name = self.configuration_manager.network_arch_class_name
-            if name != NETWORK_CLASS_NAME:
-                raise RuntimeError(f"{type(self).__name__} fine-tunes {NETWORK_CLASS_NAME}, but the plans' "
+            if name not in NETWORK.class_names:  # plans of earlier versions name the legacy path
+                raise RuntimeError(f"{type(self).__name__} fine-tunes {NETWORK.class_name}, but the plans' "
                                    f"{self.configuration_name} configuration uses {name}: plan with "
                                    f"hyspark_plan_and_preprocess --network hiend_mae and train with -p nnUNetHiEndMAEPlans")
         super().initialize()
 
     def _check_plans(self, meta: dict) -> None:
         made_for = meta.get("network_class_name")
-        if made_for is not None and made_for != NETWORK_CLASS_NAME:
+        if made_for is not None and made_for not in NETWORK.class_names:
             raise RuntimeError(f"the pre-trained weights are for {made_for} (method {meta.get('method')}), not "
-                               f"{NETWORK_CLASS_NAME}: pre-train with hyspark_pretrain --method hiend_mae "
+                               f"{NETWORK.class_name}: pre-train with hyspark_pretrain --method hiend_mae "
                                f"-p nnUNetHiEndMAEPlans")
         super()._check_plans(meta)
 
-    stem_key = STEM_KEY
-    stem_name = "patch embedding"
+    stem_key = NETWORK.stem_key
+    stem_name = NETWORK.stem_name
 
 
 class nnUNetTrainerHiEndMAEFinetune_test(ScheduleVariant, nnUNetTrainerHiEndMAEFinetune):

@@ -17,17 +17,17 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 import torch
 
 from nnunet_hyspark.errors import HySparKError
+from nnunet_hyspark.methods import get_method
+from nnunet_hyspark.nnunet_compat import Preprocessing, check_weights_fit_plans
+from nnunet_hyspark.nnunet_compat import plans_compatibility_problems as compat_problems
 from nnunet_hyspark.trainers.nnUNetTrainerHySparK import ScheduleVariant, nnUNetTrainerHySparK, short_schedule
 from nnunet_hyspark.weights import format_report, load_weights_file, transfer_report
 
 __all__ = ["nnUNetTrainerHySparKFinetune", "nnUNetTrainerHySparKFinetune_demo", "nnUNetTrainerHySparKFinetune_test",
            "nnUNetTrainerHySparKFinetune_frozen_test", "pretrained_weights_argument", "plans_compatibility_problems"]
-
-ALLOW_MISMATCH_ENV = "HYSPARK_ALLOW_PLANS_MISMATCH"
 
 
 def pretrained_weights_argument(argv: list[str] | None = None) -> str | None:
@@ -46,21 +46,10 @@ def pretrained_weights_argument(argv: list[str] | None = None) -> str | None:
 
 
 def plans_compatibility_problems(meta: dict, spacing, normalization_schemes, intensity_properties) -> list[str]:
-    """Differences in spacing or intensity normalisation between pre-training and this plan."""
-    problems = []
-    if meta.get("spacing") is not None and not np.allclose(meta["spacing"], spacing, rtol=0.02):
-        problems.append(f"spacing: pre-trained at {list(meta['spacing'])} mm, this plan uses {list(spacing)} mm")
-    if meta.get("normalization_schemes") is not None and list(meta["normalization_schemes"]) != list(normalization_schemes):
-        problems.append(f"normalisation: pre-trained with {meta['normalization_schemes']}, "
-                        f"this plan uses {list(normalization_schemes)}")
-    theirs = (meta.get("foreground_intensity_properties_per_channel") or {}).get("0")
-    ours = (intensity_properties or {}).get("0")
-    if theirs and ours and "CTNormalization" in list(normalization_schemes):
-        for key in ("percentile_00_5", "percentile_99_5", "mean", "std"):
-            a, b = theirs.get(key), ours.get(key)
-            if a is not None and b is not None and abs(a - b) > 0.05 * max(abs(a), abs(b), 1.0):
-                problems.append(f"CT intensity {key}: pre-trained with {a:.1f}, this plan uses {b:.1f}")
-    return problems
+    """Differences in spacing or intensity normalisation between pre-training (``meta``) and this plan
+    (the one rule of :mod:`nnunet_hyspark.nnunet_compat`)."""
+    plan = Preprocessing(tuple(spacing), tuple(normalization_schemes), intensity_properties)
+    return compat_problems(Preprocessing.from_meta(meta), plan, "pre-training", "this plan")
 
 
 class nnUNetTrainerHySparKFinetune(nnUNetTrainerHySparK):
@@ -106,25 +95,17 @@ class nnUNetTrainerHySparKFinetune(nnUNetTrainerHySparK):
 
     def _check_plans(self, meta: dict) -> None:
         cm = self.configuration_manager
-        problems = plans_compatibility_problems(
-            meta, cm.spacing, cm.normalization_schemes,
-            self.plans_manager.plans.get("foreground_intensity_properties_per_channel"))
-        if not problems:
-            return
-        text = "; ".join(problems)
-        if meta.get("plans_check") == "warn" or os.environ.get(ALLOW_MISMATCH_ENV) == "1":
-            self.print_to_log_file(f"WARNING!!! pre-training and fine-tuning plans differ: {text}. "
-                                   f"Continuing (converted published checkpoint, or {ALLOW_MISMATCH_ENV}=1).")
-            return
-        raise RuntimeError(
-            f"refusing pre-trained weights whose plans differ from this dataset's: {text}. Preprocess the "
-            f"pre-training data with this dataset's plans (hyspark_plan_and_preprocess -d PRETRAIN_ID --plans-from "
-            f"THIS_ID), or set {ALLOW_MISMATCH_ENV}=1 to fine-tune anyway.")
+        plan = Preprocessing(tuple(cm.spacing), tuple(cm.normalization_schemes),
+                             self.plans_manager.plans.get("foreground_intensity_properties_per_channel"))
+        try:
+            check_weights_fit_plans(meta, plan, "this plan", self.print_to_log_file)
+        except HySparKError as e:  # nnU-Net shows exceptions, not our one-line errors
+            raise RuntimeError(str(e)) from None
 
     # the tensor whose input channels must match the dataset's, and how the error names it;
     # subclasses for other networks set these instead of repeating the check
-    stem_key = "encoder.embeddings.stem.weight"
-    stem_name = "stem"
+    stem_key = get_method("hyspark").network.stem_key  # subclasses fine-tune other methods' networks
+    stem_name = get_method("hyspark").network.stem_name
 
     def _check_channels(self, file_state: dict) -> None:
         stem = file_state.get(self.stem_key)

@@ -13,7 +13,7 @@ with the command that adapts it (first conv repeated over the channels).
 """
 from __future__ import annotations
 
-from nnunet_hyspark.models.mim_unet import STEM_KEY
+from nnunet_hyspark.methods import get_method
 from nnunet_hyspark.trainers.nnUNetTrainerHySparK import ScheduleVariant, short_schedule
 from nnunet_hyspark.trainers.nnUNetTrainerHySparKFinetune import nnUNetTrainerHySparKFinetune
 
@@ -23,8 +23,8 @@ __all__ = ["nnUNetTrainerMiMFinetune", "nnUNetTrainerMiMFinetune_test"]
 class nnUNetTrainerMiMFinetune(nnUNetTrainerHySparKFinetune):
     """Fine-tunes MiMUNet (plans ``nnUNetMiMPlans``) from ``-pretrained_weights``."""
 
-    stem_key = STEM_KEY
-    stem_name = "first conv"
+    stem_key = get_method("mim").network.stem_key
+    stem_name = get_method("mim").network.stem_name
 
 
 class nnUNetTrainerMiMFinetune_test(ScheduleVariant, nnUNetTrainerMiMFinetune):

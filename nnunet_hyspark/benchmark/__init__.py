@@ -1,8 +1,12 @@
-"""Benchmarks of HySparK pre-training inside nnU-Net: cross-validation folds and their summary.
+"""Benchmarks of pre-training inside nnU-Net: cross-validation folds, their summary, and backend speed.
 
-* :mod:`.folds` plans and runs ``nnUNetv2_train`` for every arm x fold (resumable),
-* :mod:`.splits` validates and installs custom cross-validation splits,
-* :mod:`.summary` turns nnU-Net's validation summaries into tables, paired tests and a plot.
+* :mod:`.folds` runs a benchmark (``nnUNetv2_train`` for every arm x fold, resumable) and writes its summary,
+  built from :mod:`.arms` (arm specs), :mod:`.spec` (what a benchmark is; input checks), :mod:`.manifest`
+  (the state file) and :mod:`.running` (fold states, commands, running them);
+* :mod:`.splits` validates and installs custom cross-validation splits;
+* :mod:`.summary` reads nnU-Net's validation summaries and computes paired tests; :mod:`.summary_tables`
+  writes the tables and the plot;
+* :mod:`.speed` times the sparse backends.
 
 Submodules are not imported here so that ``hyspark_benchmark --help`` stays fast.
 """

@@ -8,7 +8,6 @@ on a shared machine are noisy: compare the ratios of one run, not numbers across
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import multiprocessing
 import platform
@@ -16,32 +15,34 @@ import resource
 import statistics
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nnunet_hyspark.io import atomic_json_save, atomic_path
-from nnunet_hyspark.sparse.benchmark import AUTOCAST_DTYPES, _current_rss_bytes, _patch, _widths, time_encoder
+from nnunet_hyspark.sparse.benchmark import (AUTOCAST_DTYPES, as_patch3, current_rss_bytes, parse_widths,
+                                             time_encoder)
 
 
 def _time_pretrain_step(backend: str, batch: int, patch, widths, mask_ratio: float, steps: int, warmup: int,
                         device: str, dtype: str, num_threads: int | None, seed: int) -> dict:
     """Median time of a full HySparK step (encoder + densify + light decoder + loss + AdamW)."""
-    from nnunet_hyspark.models.encoder import HybridEncoder
-    from nnunet_hyspark.models.hyspark import HySparK
+    from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
+    from nnunet_hyspark.methods.hyspark.model import HySparK
 
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
     dev = torch.device(device)
-    patch = _patch(patch)
-    model = HySparK(HybridEncoder(1, widths=_widths(widths)), mask_ratio=mask_ratio, sparse_backend=backend).to(dev)
+    patch = as_patch3(patch)
+    model = HySparK(HybridEncoder(1, widths=parse_widths(widths)), mask_ratio=mask_ratio, sparse_backend=backend).to(dev)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randn(batch, 1, *patch, device=dev)
     gen = torch.Generator().manual_seed(seed)
     masks = [model.random_mask(x, gen) for _ in range(warmup + steps)]
     autocast = AUTOCAST_DTYPES[dtype]
-    rss_before = _current_rss_bytes()
+    rss_before = current_rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         mem_before = torch.cuda.memory_allocated(dev)
@@ -78,28 +79,28 @@ def time_pretrain_step(backend: str, batch: int = 2, patch=96, widths="base", ma
         return pool.submit(_time_pretrain_step, *args).result()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backends", nargs="+", default=["dense", "blocks"], help="first one is the baseline")
-    parser.add_argument("--what", nargs="+", default=["encoder", "pretrain"], choices=["encoder", "pretrain", "data"],
-                        help="encoder alone, the full pre-training step, and/or the data pipeline (needs -d)")
-    parser.add_argument("-b", "--batch", type=int, default=2)
-    parser.add_argument("--patch", type=int, nargs="+", default=[96], help="one size (cubic) or three")
-    parser.add_argument("--widths", default="base", help="base, tiny, or five comma-separated widths")
-    parser.add_argument("--mask-ratio", type=float, default=0.75)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup untimed ones)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=sorted(AUTOCAST_DTYPES),
-                        help="one or more; e.g. 'fp32 bf16' times every backend in both, against fp32 + the "
-                             "first backend")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("-d", dest="dataset", default=None, help="preprocessed dataset for --what data")
-    parser.add_argument("-p", dest="plans", default="nnUNetHySparKPlans")
-    parser.add_argument("--output", default="speed_benchmark", help="folder for speed.json and speed.md")
+@dataclass(frozen=True)
+class SpeedOptions:
+    """What ``hyspark_benchmark speed`` times (the field names are its option names)."""
+
+    backends: tuple[str, ...] = ("dense", "blocks")  # the first is the baseline
+    what: tuple[str, ...] = ("encoder", "pretrain")  # and/or "data" (needs dataset)
+    batch: int = 2
+    patch: tuple[int, ...] = (96,)  # one size (cubic) or three
+    widths: str = "base"  # base, tiny, or five comma-separated widths
+    mask_ratio: float = 0.75
+    steps: int = 3  # timed steps, after `warmup` untimed ones
+    warmup: int = 1
+    device: str = "cpu"
+    precision: tuple[str, ...] = ("fp32",)  # every backend in each, against the first precision + backend
+    threads: int | None = None  # torch threads (None: torch's)
+    dataset: str | None = None  # preprocessed dataset for "data"
+    plans: str = "nnUNetHySparKPlans"
+    output: str = "speed_benchmark"  # folder for speed.json and speed.md
 
 
 def _markdown(header: dict, rows: list[dict]) -> str:
-    lines = [f"# hyspark_benchmark speed", "",
+    lines = ["# hyspark_benchmark speed", "",
              f"device: {header['device']} ({header['device_name']}), torch threads: {header['threads']}, "
              f"torch {header['torch']}"]
     if not rows:  # data pipeline only
@@ -127,22 +128,26 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run(args: argparse.Namespace) -> int:
-    from nnunet_hyspark.cli.pretrain import check_sparse_backend
+def run(args: SpeedOptions) -> Path:
+    """Time everything asked for, write speed.json and speed.md into ``args.output``; returns speed.md."""
     from nnunet_hyspark.errors import HySparKError
+    from nnunet_hyspark.nnunet_compat import resolve_device
+    from nnunet_hyspark.sparse import resolve_backend
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise HySparKError("--device cuda but no CUDA device is visible", "use --device cpu")
-    for b in args.backends:
-        check_sparse_backend(b)  # unknown / unsafe (spconv on CPU) backends fail here, in one line
+    device = resolve_device(args.device)
+    for b in args.backends:  # unknown / unsafe (spconv on CPU) backends fail here, in one line
+        try:
+            resolve_backend(b, device)
+        except (ValueError, RuntimeError, ImportError) as e:
+            raise HySparKError(f"--backends {b}: {e}") from None
     if "fp16" in args.precision and args.device != "cuda":
         raise HySparKError("--precision fp16 needs --device cuda", "use bf16 on the CPU")
     patch = tuple(args.patch) * 3 if len(args.patch) == 1 else tuple(args.patch)
     header = {"device": args.device, "threads": args.threads or torch.get_num_threads(),
               "device_name": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
-              "precision": args.precision, "batch": args.batch, "patch": list(patch),
+              "precision": list(args.precision), "batch": args.batch, "patch": list(patch),
               "widths": args.widths, "mask_ratio": args.mask_ratio, "torch": torch.__version__}
     rows = []
     timers = {"encoder": time_encoder, "pretrain": time_pretrain_step}
@@ -176,13 +181,12 @@ def run(args: argparse.Namespace) -> int:
                f"({d['num_workers']} workers, {d['augmentation']})\n")
     with atomic_path(out / "speed.md") as tmp:
         Path(tmp).write_text(md)
-    print("\n" + md + f"\nwritten: {out / 'speed.json'}, {out / 'speed.md'}")
-    return 0
+    return out / "speed.md"
 
 
-def _data_pipeline(args: argparse.Namespace) -> dict:
+def _data_pipeline(args: SpeedOptions) -> dict:
     from nnunet_hyspark.errors import HySparKError
-    from nnunet_hyspark.pretrain_data import PretrainDataConfig, measure_crops_per_second
+    from nnunet_hyspark.pretraining.data import PretrainDataConfig, measure_crops_per_second
 
     if args.dataset is None:
         raise HySparKError("--what data needs a preprocessed dataset", "pass -d ID")

@@ -1,12 +1,14 @@
 """``hyspark_benchmark``: compare training arms (e.g. scratch vs. HySparK pre-trained) over nnU-Net folds.
 
 Subcommands are registered in :func:`subcommands`. EXTENSION POINT: to add one (e.g.
-``speed``), write ``add_arguments(parser)`` and ``run(args) -> int`` in its own module and
-add one entry to the dict returned by :func:`subcommands`; nothing else needs to change.
+``speed``), write the library function (typed options in, no argparse) in
+``nnunet_hyspark/benchmark/``, then here ``add_arguments(parser)`` and ``run(args) -> int``
+(building the options and printing) and one entry in the dict returned by :func:`subcommands`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Callable, NamedTuple, Sequence
 
@@ -26,12 +28,13 @@ class Subcommand(NamedTuple):
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     """Arguments that identify a benchmark; shared so folds and summarize agree on them."""
-    from nnunet_hyspark.benchmark.folds import ARM_SPEC_HELP
+    from nnunet_hyspark.benchmark.arms import ARM_SPEC_HELP
+    from nnunet_hyspark.methods import get_method
 
     parser.add_argument("-d", dest="dataset", required=True, help="dataset name or id, e.g. 1 or Dataset001_Liver")
     parser.add_argument("-c", dest="configuration", default="3d_fullres",
                         help="nnU-Net configuration (default: %(default)s)")
-    parser.add_argument("-p", dest="plans", default="nnUNetHySparKPlans",
+    parser.add_argument("-p", dest="plans", default=get_method("hyspark").plans_name,
                         help="plans identifier (default: %(default)s)")
     parser.add_argument("-f", dest="folds", nargs="+", type=int, default=None, metavar="FOLD",
                         help="folds (default: all folds of the splits in effect, nnU-Net's default is 0 1 2 3 4)")
@@ -53,10 +56,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def add_folds_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hyspark_benchmark folds``."""
     from nnunet_hyspark.benchmark.splits import TEXT_FORMAT_HELP
+    from nnunet_hyspark.methods import METHODS
 
     _add_common(parser)
     parser.add_argument("--pretrained_weights", default=None, metavar="FILE",
-                        help="weights for every nnUNetTrainerHySparKFinetune* arm that has none in its spec "
+                        help="weights for every fine-tuning arm (" + ", ".join(
+                            f"{s.finetune_trainer}*" for s in METHODS.values()) + ") that has none in its spec "
                              "(required for the default 'pretrained' arm)")
     parser.add_argument("--splits", default=None, metavar="FILE",
                         help="custom folds, installed as $nnUNet_preprocessed/DatasetXXX/splits_final.json: "
@@ -70,17 +75,10 @@ def add_folds_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nnUNetv2_train -device; auto = cuda when a GPU is visible, else cpu")
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run_folds(args: argparse.Namespace) -> int:
     """Validate everything, then train/resume every arm x fold and summarize."""
     from nnunet_hyspark.benchmark.folds import build_spec, run_benchmark
+    from nnunet_hyspark.nnunet_compat import resolve_device
 
     if args.gpus is not None and len(set(args.gpus)) != len(args.gpus):
         from nnunet_hyspark.errors import HySparKError
@@ -88,7 +86,7 @@ def run_folds(args: argparse.Namespace) -> int:
         raise HySparKError(f"--gpus lists a GPU twice: {' '.join(args.gpus)}", "list each GPU id once")
     spec = build_spec(args.dataset, args.configuration, args.plans, args.arms, args.pretrained_weights,
                       args.folds, args.splits, args.output, args.compare)
-    spec.device = _resolve_device(args.device)
+    spec.device = resolve_device(args.device, check=False).type  # the folds may run where this one does not
     return run_benchmark(spec, gpus=args.gpus, dry_run=args.dry_run, force=args.force)
 
 
@@ -112,16 +110,41 @@ def run_summarize(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- registry
 
-def _speed_add_arguments(parser: argparse.ArgumentParser) -> None:
-    from nnunet_hyspark.benchmark.speed import add_arguments
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``hyspark_benchmark speed`` (defaults: :class:`~nnunet_hyspark.benchmark.speed.SpeedOptions`)."""
+    from nnunet_hyspark.benchmark.speed import SpeedOptions
+    from nnunet_hyspark.sparse.benchmark import AUTOCAST_DTYPES
 
-    add_arguments(parser)
+    d = SpeedOptions()
+    parser.add_argument("--backends", nargs="+", default=list(d.backends), help="first one is the baseline")
+    parser.add_argument("--what", nargs="+", default=list(d.what), choices=["encoder", "pretrain", "data"],
+                        help="encoder alone, the full pre-training step, and/or the data pipeline (needs -d)")
+    parser.add_argument("-b", "--batch", type=int, default=d.batch)
+    parser.add_argument("--patch", type=int, nargs="+", default=list(d.patch), help="one size (cubic) or three")
+    parser.add_argument("--widths", default=d.widths, help="base, tiny, or five comma-separated widths")
+    parser.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
+    parser.add_argument("--steps", type=int, default=d.steps, help="timed steps (after --warmup untimed ones)")
+    parser.add_argument("--warmup", type=int, default=d.warmup)
+    parser.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
+    parser.add_argument("--precision", nargs="+", default=list(d.precision), choices=sorted(AUTOCAST_DTYPES),
+                        help="one or more; e.g. 'fp32 bf16' times every backend in both, against fp32 + the "
+                             "first backend")
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (default: torch's)")
+    parser.add_argument("-d", dest="dataset", default=d.dataset, help="preprocessed dataset for --what data")
+    parser.add_argument("-p", dest="plans", default=d.plans)
+    parser.add_argument("--output", default=d.output, help="folder for speed.json and speed.md")
 
 
-def _speed_run(args: argparse.Namespace) -> int:
-    from nnunet_hyspark.benchmark.speed import run
+def run_speed(args: argparse.Namespace) -> int:
+    """Time the backends and print the table."""
+    from nnunet_hyspark.benchmark.speed import SpeedOptions, run
 
-    return run(args)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SpeedOptions)}
+    for k in ("backends", "what", "patch", "precision"):
+        values[k] = tuple(values[k])
+    md = run(SpeedOptions(**values))
+    print("\n" + md.read_text() + f"\nwritten: {md.with_name('speed.json')}, {md}")
+    return 0
 
 
 def subcommands() -> dict[str, Subcommand]:
@@ -153,8 +176,8 @@ def subcommands() -> dict[str, Subcommand]:
                         "and peak memory of the masked encoder and of the full HySparK pre-training step for each "
                         "backend, with ratios against the first backend (dense); optionally crops per second of "
                         "the pre-training data pipeline. Writes OUTPUT/speed.json and OUTPUT/speed.md.",
-            add_arguments=_speed_add_arguments,
-            run=_speed_run,
+            add_arguments=add_speed_arguments,
+            run=run_speed,
         ),
     }
 

@@ -11,15 +11,12 @@ from pathlib import Path
 
 import torch
 
-from nnunet_hyspark.convert import converted_network_weights, unwrap_state_dict
 from nnunet_hyspark.errors import HySparKError, cli_entry
+from nnunet_hyspark.methods import MethodSpec, get_method, method_for_network
 from nnunet_hyspark.weights import save_weights_file
 
-# The published weights were pre-trained with HySparK's own preprocessing, not nnU-Net's plans.
-REFERENCE_PREPROCESSING = {
-    "spacing": [1.5, 1.5, 1.5],
-    "normalization_schemes": ["HySparK reference: HU clipped to [-175, 250], scaled to [0, 1]"],
-}
+#: what a file without our metadata is taken for: the command converts this method's published checkpoints
+PUBLISHED_METHOD = "hyspark"
 
 
 @cli_entry
@@ -43,45 +40,29 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         raise HySparKError(f"cannot read {args.source}: {type(e).__name__}: {e}", "is it a torch checkpoint?") from e
     source_meta = obj.get("hyspark_meta", {}) if isinstance(obj, dict) else {}
-    if source_meta.get("network_class_name") in OWN_NETWORKS:
-        _adapt_own(obj, source_meta, args, out)
+    spec = method_for_network(source_meta.get("network_class_name", ""))
+    if spec is not None and spec.convert_published is None:  # ours, of a method without published checkpoints
+        _adapt_own(obj, source_meta, spec, args.source, args.in_channels, out)
         return
-    weights, arch, report = converted_network_weights(unwrap_state_dict(obj), args.vit_heads, args.in_channels)
-    if source_meta:  # one of ours: keep its provenance, update what changed
-        meta = {**source_meta, "architecture": arch, "converted_from": str(args.source)}
-    else:
-        meta = {"method": "hyspark", "source": f"published HySparK checkpoint {args.source}", "architecture": arch,
-                **REFERENCE_PREPROCESSING, "plans_check": "warn",
-                "network_class_name": "nnunet_hyspark.models.unet.HySparKUNet", "pretrained_prefixes": ["encoder."],
-                "decoder": "random initialisation (seed 0), not pre-trained"}
-    meta["conversion_report"] = report
+    spec = spec or get_method(PUBLISHED_METHOD)
+    weights, meta, report = spec.convert_published(obj, args.vit_heads, args.in_channels, str(args.source))
     save_weights_file(weights, meta, out)
     print(f"loaded {len(report['loaded'])} encoder tensors; ignored {len(report['ignored'])}; missing 0")
     for line in report["ignored"]:
         print(f"  ignored: {line}")
-    print(f"architecture: {arch}")
+    print(f"architecture: {meta['architecture']}")
     print(f"wrote {out} (+ {out.with_suffix('.json').name})")
 
 
-#: weights files of our other methods' networks -> (method, module with ``adapt_weights_channels``, what it adapts)
-OWN_NETWORKS = {
-    "nnunet_hyspark.models.unetr.HiEndUNETR": ("Hi-End-MAE", "nnunet_hyspark.models.unetr", "patch embedding"),
-    "nnunet_hyspark.models.mim_unet.MiMUNet": ("MiM", "nnunet_hyspark.models.mim_unet", "first convolution"),
-}
-
-
-def _adapt_own(obj: dict, meta: dict, args: argparse.Namespace, out: Path) -> None:
-    """A Hi-End-MAE or MiM weights file (ours) only needs converting for another number of input channels."""
-    import importlib
-
-    method, module, first = OWN_NETWORKS[meta["network_class_name"]]
-    if args.in_channels is None:
-        raise HySparKError(f"{args.source} is a {method} weights file: it loads as it is",
+def _adapt_own(obj: dict, meta: dict, spec: MethodSpec, source: str, in_channels: int | None, out: Path) -> None:
+    """A weights file of ours only needs converting for another number of input channels."""
+    first = spec.network.stem_name
+    if in_channels is None:
+        raise HySparKError(f"{source} is a {spec.title} weights file: it loads as it is",
                            f"give --in-channels N to adapt its {first} to N input channels")
-    weights, meta = importlib.import_module(module).adapt_weights_channels(obj["network_weights"], meta,
-                                                                           args.in_channels)
-    save_weights_file(weights, {**meta, "converted_from": str(args.source)}, out)
-    print(f"{first} repeated over {args.in_channels} input channels (scaled by 1/{args.in_channels}); "
+    weights, meta = spec.network.adapt_channels(obj["network_weights"], meta, in_channels)
+    save_weights_file(weights, {**meta, "converted_from": str(source)}, out)
+    print(f"{first} repeated over {in_channels} input channels (scaled by 1/{in_channels}); "
           f"the parts that read the image directly and are not pre-trained re-initialised")
     print(f"wrote {out} (+ {out.with_suffix('.json').name})")
 

@@ -54,7 +54,7 @@ def demo_environment(root: Path) -> dict:
         env[name] = str(root / name)
         (root / name).mkdir(parents=True, exist_ok=True)
     bindir = str(Path(sys.executable).parent)
-    from nnunet_hyspark.cli.env import ext_trainer_value
+    from nnunet_hyspark.nnunet_compat import ext_trainer_value
 
     env.update(PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}", PYTHONUNBUFFERED="1",
                nnUNet_extTrainer=ext_trainer_value(env.get("nnUNet_extTrainer")))

@@ -1,7 +1,8 @@
 """``hyspark_env``: print the shell line that lets nnU-Net find this package's trainers.
 
 Usage: ``eval "$(hyspark_env)"``. nnU-Net 2.8 searches its own package and then the
-folders in ``nnUNet_extTrainer``; we add ours, keeping any folders already listed.
+folders in ``nnUNet_extTrainer``; we add ours, keeping any folders already listed
+(:func:`nnunet_hyspark.nnunet_compat.ext_trainer_value`).
 """
 from __future__ import annotations
 
@@ -9,20 +10,11 @@ import argparse
 import os
 import shlex
 
-import nnunet_hyspark.trainers.nnunet_lookup as lookup
 from nnunet_hyspark.errors import cli_entry
+from nnunet_hyspark.nnunet_compat import ext_trainer_value
+from nnunet_hyspark.nnunet_compat import our_trainer_folder as trainer_lookup_folder
 
-
-def trainer_lookup_folder() -> str:
-    """The folder to list in ``nnUNet_extTrainer``."""
-    return os.path.dirname(os.path.abspath(lookup.__file__))
-
-
-def ext_trainer_value(current: str | None = None) -> str:
-    """``nnUNet_extTrainer`` with our folder first and existing entries kept (no duplicates)."""
-    ours = trainer_lookup_folder()
-    others = [p for p in (current or "").split(os.pathsep) if p and os.path.abspath(p) != ours]
-    return os.pathsep.join([ours, *others])
+__all__ = ["ext_trainer_value", "trainer_lookup_folder", "main"]
 
 
 @cli_entry

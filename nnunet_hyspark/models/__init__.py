@@ -1,1 +1,2 @@
-"""Networks: the hybrid CNN/ViT encoder, its fine-tuning U-Net and the pre-training models."""
+"""Legacy dotted paths of the fine-tuning networks (plans and weights of earlier versions name them);
+the networks live in :mod:`nnunet_hyspark.methods`."""

@@ -1,7 +1,7 @@
 """The pre-training loop shared by every method: schedules, precision, checkpoints, previews, resume.
 
 A method is any ``nn.Module`` whose ``forward(batch)`` returns a dict with ``loss``;
-what to preview and what to export come from a :class:`nnunet_hyspark.pretraining.methods.Method`.
+what to preview and what to export come from its :class:`nnunet_hyspark.methods.MethodSpec`.
 Only rank 0 writes files; every write is atomic.
 """
 from __future__ import annotations
@@ -50,6 +50,18 @@ class LoopConfig:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.iterations_per_epoch
+
+
+#: the mask ratio of a method whose recipe sets none (HySparK's and Hi-End-MAE's 0.75)
+DEFAULT_MASK_RATIO = 0.75
+
+
+def recipe_defaults() -> dict[str, Any]:
+    """The optimisation values a method's recipe starts from, keyed like ``MethodSpec.recipe``: the
+    defaults of :class:`LoopConfig` (the one place they are defined) and :data:`DEFAULT_MASK_RATIO`."""
+    c = LoopConfig()
+    return {"lr": c.lr, "betas": tuple(c.betas), "weight_decay": (c.weight_decay_start, c.weight_decay_end),
+            "warmup_fraction": c.warmup_fraction, "clip_grad": c.clip_grad, "mask_ratio": DEFAULT_MASK_RATIO}
 
 
 class NonFiniteLoss(HySparKError):

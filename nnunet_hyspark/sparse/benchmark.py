@@ -26,7 +26,7 @@ WIDTH_PRESETS = {
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _widths(widths: str | Sequence[int]) -> tuple[int, ...]:
+def parse_widths(widths: str | Sequence[int]) -> tuple[int, ...]:
     if isinstance(widths, str):
         if widths in WIDTH_PRESETS:
             return WIDTH_PRESETS[widths]
@@ -34,11 +34,11 @@ def _widths(widths: str | Sequence[int]) -> tuple[int, ...]:
     return tuple(int(w) for w in widths)
 
 
-def _patch(patch: int | Sequence[int]) -> tuple[int, int, int]:
+def as_patch3(patch: int | Sequence[int]) -> tuple[int, int, int]:
     return (int(patch),) * 3 if isinstance(patch, int) else tuple(int(p) for p in patch)
 
 
-def _current_rss_bytes() -> int:
+def current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 
@@ -47,16 +47,16 @@ def _time_in_process(backend: str, batch: int, patch, widths, mask_ratio: float,
                      device: str, dtype: str, num_threads: int | None, seed: int,
                      backend_options: dict | None) -> dict:
     from nnunet_hyspark.masking import random_cell_mask
-    from nnunet_hyspark.models.encoder import HybridEncoder
+    from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
     from nnunet_hyspark.sparse import get_backend
 
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
     dev = torch.device(device)
-    patch = _patch(patch)
+    patch = as_patch3(patch)
     grid = tuple(p // 16 for p in patch)
-    encoder = HybridEncoder(widths=_widths(widths)).to(dev)
+    encoder = HybridEncoder(widths=parse_widths(widths)).to(dev)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
     x = torch.randn(batch, 1, *patch, device=dev)
     masks = [random_cell_mask(batch, grid, mask_ratio, generator=torch.Generator().manual_seed(seed + i), device=dev)
@@ -67,11 +67,7 @@ def _time_in_process(backend: str, batch: int, patch, widths, mask_ratio: float,
     def step(mask: torch.Tensor) -> None:
         ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
         with ctx:
-            if backend_options:  # a configured backend instance: run the encoder's two parts by hand
-                feats = cnn(encoder.embeddings, x, mask)
-                feats[4] = encoder._transformer(feats[4], mask)
-            else:
-                feats = encoder(x, mask, backend=backend)
+            feats = encoder(x, mask, backend=cnn)
             loss = sum(f.float().square().mean() for f in feats)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,7 +75,7 @@ def _time_in_process(backend: str, batch: int, patch, widths, mask_ratio: float,
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    rss_before = _current_rss_bytes()
+    rss_before = current_rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         mem_before = torch.cuda.memory_allocated(dev)
@@ -185,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         r["median_s"] = statistics.median(r["times_s"])
         r["median_cpu_s"] = statistics.median(r["cpu_times_s"])
         r["samples_per_s"] = args.batch / r["median_s"]
-    print(f"batch {args.batch}, patch {_patch(patch)}, widths {args.widths}, mask {args.mask_ratio}, "
+    print(f"batch {args.batch}, patch {as_patch3(patch)}, widths {args.widths}, mask {args.mask_ratio}, "
           f"{args.dtype}, {args.device}, threads {results[0]['threads']}")
     print(format_table(results))
 

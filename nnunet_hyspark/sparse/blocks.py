@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_hyspark.masking import ENCODER_STRIDE, upsample_mask
-from nnunet_hyspark.models.blocks import MedNeXtBlock
+from nnunet_hyspark.layers.blocks import MedNeXtBlock
 
 #: First scale (0 = full resolution ... 4 = 1/16) run dense-then-mask by default. Measured per
 #: stage (forward + backward, default widths, 96^3, mask 0.75, 2 CPU threads): cells win by about

@@ -1,13 +1,13 @@
 """Hi-End-MAE: a plain-ViT masked autoencoder whose decoder queries several encoder depths.
 
-Read top to bottom, this file is the whole method (design doc ``mim_and_hiend_mae.md``):
+Read top to bottom with ``encoder.py``, this file is the whole method (``docs/methods.md``):
 
-1. :class:`ViTEncoder`: patch embedding by a strided Conv3d (kernel = stride = the ViT patch,
-   12 by default), a class token (zero position), fixed 3D sin-cos positions rebuilt for the
-   actual token grid (any patch whose axes are multiples of the ViT patch), pre-norm blocks
-   (qkv bias, LayerNorm eps 1e-6). It returns the outputs of the tapped blocks (4, 7, 10,
-   1-based) and the final normed output. The same module is the encoder of the fine-tuning
-   network :class:`~nnunet_hyspark.models.unetr.HiEndUNETR`.
+1. :class:`~nnunet_hyspark.methods.hiend_mae.encoder.ViTEncoder`: patch embedding by a strided
+   Conv3d (kernel = stride = the ViT patch, 12 by default), a class token (zero position), fixed
+   3D sin-cos positions rebuilt for the actual token grid (any patch whose axes are multiples of
+   the ViT patch), pre-norm blocks (qkv bias, LayerNorm eps 1e-6). It returns the outputs of the
+   tapped blocks (4, 7, 10, 1-based) and the final normed output. The same module is the encoder
+   of the fine-tuning network :class:`~nnunet_hyspark.methods.hiend_mae.network.HiEndUNETR`.
 2. masking: per sample a uniform random 75 % of the tokens is dropped (MAE); the project's
    mask convention (:mod:`nnunet_hyspark.masking`: True = kept).
 3. :class:`HierarchicalDecoder`, the encoder-driven hierarchical dense decoder: Linear
@@ -26,30 +26,19 @@ the first 1 % of the run (10 of 1000 epochs), then cosine.
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_hyspark.errors import HySparKError
+from nnunet_hyspark.layers.blocks import Attention, Mlp, TransformerBlock, init_vit_weights
+from nnunet_hyspark.layers.pos_embed import sincos_3d
+from nnunet_hyspark.mae import masked_patch_mse, preview_images
 from nnunet_hyspark.masking import kept_token_indices, random_cell_mask
-from nnunet_hyspark.models.blocks import Attention, Mlp, TransformerBlock, init_vit_weights
-from nnunet_hyspark.models.hyspark import normalised_targets, preview_images
-from nnunet_hyspark.models.pos_embed import sincos_3d
+from nnunet_hyspark.methods.hiend_mae.encoder import LN_EPS, ViTEncoder, token_grid
+from nnunet_hyspark.methods.spec import ModelOptions
 
-DEFAULT_VIT_PATCH = 12
-DEFAULT_TAPS = (4, 7, 10)  # 1-based encoder blocks whose outputs the decoder (and the UNETR skips) read
-LN_EPS = 1e-6
-
-#: Encoder presets (the plans carry the expanded values) and the pre-training decoder of each.
-VIT_CONFIGS: dict[str, dict[str, Any]] = {
-    "base": {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0, "taps": [4, 7, 10]},
-    "large": {"embed_dim": 1536, "depth": 12, "num_heads": 16, "mlp_ratio": 4.0, "taps": [4, 7, 10]},
-    "tiny": {"embed_dim": 48, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0, "taps": [1, 2, 3]},  # tests, CPU demos
-}
 #: Pre-training decoder (width, heads) per encoder width; the decoder heads are not given by the paper.
 DECODER_CONFIGS: dict[int, tuple[int, int]] = {768: (384, 12), 1536: (528, 16), 48: (24, 2)}
 SELF_ATTENTION_BLOCKS = 2
@@ -66,71 +55,6 @@ def decoder_config(embed_dim: int, num_heads: int) -> tuple[int, int]:
     width = max(6, embed_dim // 12 * 6)
     heads = next(h for h in range(min(num_heads, width), 0, -1) if width % h == 0)
     return width, heads
-
-
-def token_grid(spatial_shape: Sequence[int], vit_patch: int, what: str = "patch size") -> tuple[int, ...]:
-    """The token grid of an input; a clear error naming the axis that is not a multiple of the ViT patch."""
-    for axis, n in enumerate(spatial_shape):
-        if n <= 0 or n % vit_patch:
-            lo = max(vit_patch, n // vit_patch * vit_patch)
-            raise HySparKError(
-                f"{what} {list(spatial_shape)}: axis {axis} has {n} voxels, not a multiple of the ViT patch {vit_patch}",
-                f"use e.g. {lo} or {lo + vit_patch} on axis {axis} (plan with hyspark_plan_and_preprocess "
-                f"--network hiend_mae --vit-patch {vit_patch})")
-    return tuple(int(n) // vit_patch for n in spatial_shape)
-
-
-# ----------------------------------------------------------------------------------------------- encoder
-
-
-class ViTEncoder(nn.Module):
-    """Plain 3D ViT. ``forward(x, keep_idx)`` -> [tapped block outputs..., final normed], each (B, 1 + K, D)."""
-
-    def __init__(self, in_channels: int = 1, vit_patch: int = DEFAULT_VIT_PATCH, embed_dim: int = 768,
-                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, taps: Sequence[int] = DEFAULT_TAPS):
-        super().__init__()
-        taps = tuple(int(t) for t in taps)
-        if list(taps) != sorted(set(taps)) or not taps or taps[0] < 1 or taps[-1] > depth:
-            raise ValueError(f"taps {list(taps)} must be increasing 1-based block numbers within 1..{depth}")
-        if embed_dim % 6:
-            raise ValueError(f"ViT width {embed_dim} must be divisible by 6 (3D sin-cos positions)")
-        self.in_channels, self.vit_patch, self.embed_dim, self.taps = in_channels, vit_patch, embed_dim, taps
-        self.patch_embed = nn.Conv3d(in_channels, embed_dim, vit_patch, stride=vit_patch)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.blocks = nn.ModuleList(TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=True, eps=LN_EPS)
-                                    for _ in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
-        self._pos_cache: dict = {}
-        # MAE's initialisation: patch embedding like a Linear, class token N(0, 0.02), Xavier linears
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(embed_dim, -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.cls_token, std=0.02)
-        self.blocks.apply(init_vit_weights)
-
-    def grid(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
-        return token_grid(spatial_shape, self.vit_patch, "input")
-
-    def pos_embed(self, grid: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(1, L, D) fixed sin-cos positions of the token grid (the class token's position is zero)."""
-        key = (tuple(grid), device, dtype)
-        if key not in self._pos_cache:
-            self._pos_cache = {key: sincos_3d(self.embed_dim, grid)[None].to(device=device, dtype=dtype)}
-        return self._pos_cache[key]
-
-    def forward(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """``keep_idx`` (B, K): flat indices of the tokens to encode (all tokens when None)."""
-        grid = self.grid(x.shape[2:])
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, L, D), row-major grid order
-        tokens = tokens + self.pos_embed(grid, tokens.device, tokens.dtype)
-        if keep_idx is not None:
-            tokens = torch.gather(tokens, 1, keep_idx[..., None].expand(-1, -1, tokens.shape[-1]))
-        h = torch.cat([self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        outputs = []
-        for i, block in enumerate(self.blocks, start=1):
-            h = block(h)
-            if i in self.taps:
-                outputs.append(h)
-        return outputs + [self.norm(h)]
 
 
 # ----------------------------------------------------------------------------------------------- decoder
@@ -217,14 +141,6 @@ class HierarchicalDecoder(nn.Module):
 # ----------------------------------------------------------------------------------------------- model
 
 
-def masked_patch_mse(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
-    """MSE of predicted rows against per-patch normalised targets, over masked cells (mask False) only."""
-    target, _, _ = normalised_targets(x, patch=patch)
-    per_patch = (pred - target).pow(2).mean(dim=-1)  # (B, L)
-    masked = (~mask.flatten(1)).to(per_patch.dtype)
-    return (per_patch * masked).sum() / masked.sum().clamp_min(1.0)
-
-
 class HiEndMAE(nn.Module):
     """The pre-training model: a :class:`ViTEncoder` on kept tokens and the hierarchical decoder."""
 
@@ -269,18 +185,11 @@ def encoder_kwargs(arch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: arch[k] for k in keys if k in arch}
 
 
-def build(arch_kwargs: Mapping[str, Any], in_channels: int, args: argparse.Namespace) -> HiEndMAE:
+def build_model(arch_kwargs: Mapping[str, Any], in_channels: int, options: ModelOptions) -> HiEndMAE:
     """``hyspark_pretrain --method hiend_mae``: the model for a plan's HiEndUNETR ``arch_kwargs``."""
     arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch_kwargs.items()}
     encoder = ViTEncoder(in_channels, **encoder_kwargs(arch))
-    patch = getattr(args, "patch_size", None) or arch.get("patch_size")
+    patch = options.level_patch or arch.get("patch_size")
     if patch is not None:
-        token_grid(patch, encoder.vit_patch, "--patch-size" if getattr(args, "patch_size", None) else "plans patch size")
-    return HiEndMAE(encoder, mask_ratio=args.mask_ratio, decoder_width=getattr(args, "decoder_width", None),
-                    arch=arch)
-
-
-def export(model: HiEndMAE, meta: dict[str, Any], path: Path) -> Path:
-    from nnunet_hyspark.models.unetr import export_vit_encoder
-
-    return export_vit_encoder(model.encoder, model.arch, meta, path)
+        token_grid(patch, encoder.vit_patch, "--patch-size" if options.level_patch else "plans patch size")
+    return HiEndMAE(encoder, mask_ratio=options.mask_ratio, decoder_width=options.decoder_width, arch=arch)

@@ -1,15 +1,15 @@
 """MiM (Mask in Mask, IEEE TMI 2025): hierarchical masked image modelling on a ConvMAE-style backbone.
 
-Read top to bottom, this file is the whole method (spec: shared/design/mim_and_hiend_mae.md):
+Read top to bottom, this file is the whole method (``docs/methods.md``):
 
 1. :class:`MiMBackbone` -- three conv stages (Conv3d k2 s2 + LayerNorm + GELU, then conv
    blocks ``x + pw(dw5(mask * pw(LN x)))``, ``x + MLP(LN x)``; the mask keeps masked regions
    from leaking into kept ones), a fourth Conv3d k2 s2 to the 1/16 token grid, a Linear,
    fixed 3D sin-cos positions (rebuilt for every grid, never stored) and ViT blocks on the
    KEPT tokens only, then a final LayerNorm. The same module is the encoder of the
-   fine-tuning network (:mod:`nnunet_hyspark.models.mim_unet`), run densely there.
+   fine-tuning network (:mod:`nnunet_hyspark.methods.mim.network`), run densely there.
 2. :class:`MiM` -- the pre-training model. One crop of ``2P`` per sample gives three levels
-   of volumes of the level patch ``P`` (geometry: :mod:`nnunet_hyspark.mim_levels`):
+   of volumes of the level patch ``P`` (geometry: :mod:`nnunet_hyspark.methods.mim.levels`):
    coarse (the crop resized; octants masked as groups), middle (``n_middle`` crop octants
    masked at the coarse level, native resolution), fine (``n_fine`` 16^3 cells masked at
    the middle level, upsampled). Every level goes through the same encoder (with the
@@ -28,22 +28,25 @@ Read top to bottom, this file is the whole method (spec: shared/design/mim_and_h
 Defaults are the paper's: widths 48/96/192/384, 2 conv blocks per stage, 11 ViT blocks with
 12 heads, decoder 576 wide with 8 blocks and 16 heads, mask ratios 0.5 / 0.6 / 0.5,
 4 middle volumes per sample and 4 fine volumes per middle volume (1 + 4 + 16 encoder passes
-per sample). Level patches need axes that are multiples of 32 (see ``mim_levels``).
+per sample). Level patches need axes that are multiples of 32 (see ``levels.py``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_hyspark.layers.blocks import ChannelLayerNorm, TransformerBlock, init_vit_weights
+from nnunet_hyspark.layers.pos_embed import sincos_3d
+from nnunet_hyspark.mae import masked_patch_mse, preview_images
 from nnunet_hyspark.masking import kept_token_indices, random_cell_mask, upsample_mask
-from nnunet_hyspark.mim_levels import (CELL, choose_among, coarse_volume, cut_octants, fine_volumes, grouped_mask,
-                                       level_patch_size, masked_cells, octant_pooling_matrix, token_grid)
-from nnunet_hyspark.models.blocks import ChannelLayerNorm, TransformerBlock, init_vit_weights
-from nnunet_hyspark.models.hyspark import normalised_targets, preview_images
-from nnunet_hyspark.models.pos_embed import sincos_3d
+from nnunet_hyspark.methods.mim.levels import (CELL, LEVEL_MULTIPLE, choose_among, coarse_volume, cut_octants,
+                                               fine_volumes, grouped_mask, level_patch_size, masked_cells,
+                                               octant_pooling_matrix, token_grid)
+from nnunet_hyspark.methods.spec import ModelOptions
+from nnunet_hyspark.patch_rules import check_patch_multiple
 
 DEFAULT_WIDTHS = (48, 96, 192, 384)
 DEFAULT_CONV_DEPTHS = (2, 2, 2)
@@ -187,14 +190,6 @@ def default_decoder_heads(width: int) -> int:
     return heads
 
 
-def masked_cell_loss(pred: torch.Tensor, volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """MSE of ``pred`` (N, L, 16^3 C) against per-cell normalised targets, over masked cells only."""
-    target, _, _ = normalised_targets(volume)
-    per_cell = (pred - target).pow(2).mean(dim=-1)
-    masked = (~mask.flatten(1)).to(per_cell.dtype)
-    return (per_cell * masked).sum() / masked.sum().clamp_min(1.0)
-
-
 def alignment_loss(finer: torch.Tensor, coarser: torch.Tensor, head: nn.Module) -> torch.Tensor:
     """``2 - 2 cos(head(finer), head(coarser))`` averaged; the coarser side is detached."""
     p = F.normalize(head(finer), dim=-1)
@@ -286,7 +281,7 @@ class MiM(nn.Module):
 
     # ------------------------------------------------------------------ the three levels
     def make_levels(self, crops: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Cut the levels and draw their masks (see :mod:`nnunet_hyspark.mim_levels`)."""
+        """Cut the levels and draw their masks (see :mod:`nnunet_hyspark.methods.mim.levels`)."""
         b, dev = crops.shape[0], crops.device
         patch = level_patch_size(crops.shape[2:])
         grid = token_grid(patch)
@@ -309,7 +304,7 @@ class MiM(nn.Module):
         for name, weight in zip(self.LEVELS, self.level_weights):
             lv = levels[name]
             tokens, pred = self.decode(self.encode(lv["volume"], lv["mask"]), lv["mask"])
-            loss = masked_cell_loss(pred.float(), lv["volume"].float(), lv["mask"])
+            loss = masked_patch_mse(pred.float(), lv["volume"].float(), lv["mask"], CELL)
             lv["pred"], decoded[name] = pred, tokens.float()
             out[f"loss_{name}"] = loss.detach()
             total = total + weight * loss
@@ -339,3 +334,34 @@ class MiM(nn.Module):
         """Preview images of one level: input, masked input, reconstruction (kept cells from the input;
         predicted cells de-normalised with the target's own statistics, as MAE visualises)."""
         return preview_images(volume, pred, mask, CELL)
+
+
+# ============================================================================================ method hooks
+
+
+def build_model(arch_kwargs: Mapping[str, Any], in_channels: int, options: ModelOptions) -> MiM:
+    """``hyspark_pretrain --method mim``: MiM with the paper's level settings for a plan's MiMUNet
+    ``arch_kwargs``; ``options.decoder_width`` is honoured, the mask ratios are the paper's per level."""
+    level_patch = options.level_patch or arch_kwargs.get("patch_size")
+    if level_patch:
+        check_patch_multiple(level_patch, LEVEL_MULTIPLE, "--patch-size" if options.level_patch else "plans patch size",
+                             why="MiM's coarse mask groups halves of the 16^3 token grid",
+                             hint=f"plan with hyspark_plan_and_preprocess --network mim, or give --patch-size in "
+                                  f"multiples of {LEVEL_MULTIPLE}")
+    keys = ("widths", "conv_depths", "vit_depth", "vit_heads", "vit_mlp_ratio")
+    encoder = MiMBackbone(in_channels, **{k: arch_kwargs[k] for k in keys if k in arch_kwargs})
+    model = MiM(encoder, decoder_width=options.decoder_width)
+    model.finetune_kwargs = dict(arch_kwargs)  # what export needs to write the plan's MiMUNet
+    return model
+
+
+def validation_loss(model: nn.Module, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return model(batch, generator=gen)["loss"]
+
+
+def preview(model: nn.Module, batch: torch.Tensor, gen: torch.Generator) -> dict:
+    """One panel per level, each showing the first volume of that level."""
+    levels = model(batch, generator=gen)["levels"]
+    return {name: model.reconstruct(levels[name]["volume"][:1], levels[name]["pred"][:1], levels[name]["mask"][:1])
+            for name in model.LEVELS}
+

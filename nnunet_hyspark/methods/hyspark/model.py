@@ -1,6 +1,6 @@
 """HySparK pre-training model: masked hybrid encoder -> densify -> light decoder -> masked patch MSE.
 
-Read top to bottom, this file is the whole method (design doc section 2):
+Read top to bottom, this file is the whole method (``docs/methods.md``):
 
 1. one random mask per sample on the 1/16 grid, the same keep count in every sample;
 2. the encoder in masked mode (submanifold CNN at every scale, ViT on kept tokens);
@@ -11,14 +11,16 @@ Read top to bottom, this file is the whole method (design doc section 2):
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nnunet_hyspark.masking import ENCODER_STRIDE, hide, masks_per_scale, random_cell_mask, upsample_mask
-from nnunet_hyspark.models.encoder import HybridEncoder
+from nnunet_hyspark.mae import masked_patch_mse, patchify, preview_images
+from nnunet_hyspark.masking import ENCODER_STRIDE, masks_per_scale, random_cell_mask
+from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
+from nnunet_hyspark.methods.spec import ModelOptions
+from nnunet_hyspark.sparse import SparseBackend, get_backend
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -63,61 +65,22 @@ class LightDecoder(nn.Module):
         return self.proj(x)
 
 
-def patchify(x: torch.Tensor, patch: int = ENCODER_STRIDE) -> torch.Tensor:
-    """(B, C, X, Y, Z) -> (B, L, C * patch^3), one row per grid cell in row-major (x, y, z) order."""
-    b, c, X, Y, Z = x.shape
-    gx, gy, gz = X // patch, Y // patch, Z // patch
-    x = x.reshape(b, c, gx, patch, gy, patch, gz, patch)
-    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, gx * gy * gz, c * patch**3)
-
-
-def unpatchify(p: torch.Tensor, channels: int, grid: Sequence[int], patch: int = ENCODER_STRIDE) -> torch.Tensor:
-    """Inverse of :func:`patchify`."""
-    b = p.shape[0]
-    gx, gy, gz = grid
-    x = p.reshape(b, gx, gy, gz, channels, patch, patch, patch).permute(0, 4, 1, 5, 2, 6, 3, 7)
-    return x.reshape(b, channels, gx * patch, gy * patch, gz * patch)
-
-
-def preview_images(x: torch.Tensor, pred_patches: torch.Tensor, mask: torch.Tensor,
-                   patch: int = ENCODER_STRIDE) -> dict[str, torch.Tensor]:
-    """Images for previews of any masked-patch model: the input, the masked input (NaN where hidden),
-    and the reconstruction (predicted patches de-normalised with the target's own statistics, kept
-    patches from the input, as MAE visualises). ``pred_patches`` is (B, L, C * patch^3)."""
-    x = x.float()
-    _, mean, std = normalised_targets(x, patch=patch)
-    keep = mask.flatten(1)[..., None].to(x.dtype)
-    full = pred_patches.float() * std + mean
-    recon = unpatchify(full * (1 - keep) + patchify(x, patch) * keep, x.shape[1], mask.shape[1:], patch)
-    return {"input": x, "masked": hide(x, upsample_mask(mask, patch)), "reconstruction": recon}
-
-
-def normalised_targets(x: torch.Tensor, eps: float = 1e-6,
-                       patch: int = ENCODER_STRIDE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-patch normalised targets and the statistics used (mean, sqrt(unbiased var + eps))."""
-    target = patchify(x, patch)
-    mean = target.mean(dim=-1, keepdim=True)
-    std = (target.var(dim=-1, keepdim=True, unbiased=True) + eps).sqrt()
-    return (target - mean) / std, mean, std
-
-
 def masked_patch_loss(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-patch MSE against normalised targets, averaged over masked cells (mask False) only."""
-    target, _, _ = normalised_targets(x)
-    per_patch = (patchify(pred) - target).pow(2).mean(dim=-1)  # (B, L)
-    masked = (~mask.flatten(1)).to(per_patch.dtype)
-    return (per_patch * masked).sum() / masked.sum().clamp_min(1.0)
+    """The loss on the decoder's full-resolution output ``pred``: per-patch MSE against normalised 16^3
+    targets, averaged over masked cells (mask False) only."""
+    return masked_patch_mse(patchify(pred), x, mask)
 
 
 class HySparK(nn.Module):
     """The pre-training model around a :class:`HybridEncoder` (shared, by reference, with fine-tuning)."""
 
     def __init__(self, encoder: HybridEncoder, mask_ratio: float = 0.75, decoder_width: int | None = None,
-                 fuse_full_resolution: bool = False, sparse_backend: str = "dense"):
+                 fuse_full_resolution: bool = False, sparse_backend: SparseBackend | str | None = None):
         super().__init__()
         self.encoder = encoder
         self.mask_ratio = mask_ratio
-        self.sparse_backend = sparse_backend
+        # resolved once here (a name is looked up now, never per forward); None = the dense reference
+        self.sparse_backend = get_backend(sparse_backend) if isinstance(sparse_backend, str) else sparse_backend
         w = encoder.widths
         skip_channels = [w[4], w[4], w[3], w[2], w[1]]  # x5, x4, x3, x2, x1 (smallest first)
         width = decoder_width or 2 * w[4]  # 768 at the default widths
@@ -182,3 +145,19 @@ class HySparK(nn.Module):
         """Images for previews: masked input, and the reconstruction (predicted patches de-normalised
         with the target's own statistics, kept patches from the input, as MAE visualises)."""
         return preview_images(x, patchify(pred.float()), mask)
+
+
+# ------------------------------------------------------------------------------------- method hooks
+
+
+def hybrid_encoder_from_arch(arch_kwargs: Mapping[str, Any], in_channels: int) -> HybridEncoder:
+    """The encoder described by a plan's ``arch_kwargs`` (the same one fine-tuning builds)."""
+    keys = ("widths", "depths", "expansions", "vit_depth", "vit_heads", "vit_mlp_ratio")
+    return HybridEncoder(in_channels, **{k: arch_kwargs[k] for k in keys if k in arch_kwargs})
+
+
+def build_model(arch_kwargs: Mapping[str, Any], in_channels: int, options: ModelOptions) -> HySparK:
+    """``hyspark_pretrain --method hyspark``: the model for a plan's HySparKUNet ``arch_kwargs``."""
+    return HySparK(hybrid_encoder_from_arch(arch_kwargs, in_channels), mask_ratio=options.mask_ratio,
+                   decoder_width=options.decoder_width, fuse_full_resolution=options.fuse_full_resolution,
+                   sparse_backend=options.sparse_backend)

@@ -23,7 +23,7 @@ its scale factors ``P_i / 16`` differ between axes (a 16^3 cell of a 160 x 160 x
 patch is stretched 10 x 10 x 4). The coarse octant grouping needs an even token grid
 on every axis, so every axis of ``P`` must be a multiple of 32 (:func:`level_patch_size`).
 
-Indexing conventions (shared with :mod:`nnunet_hyspark.models.hyspark`'s ``patchify``):
+Indexing conventions (shared with :func:`nnunet_hyspark.mae.patchify`):
 volumes are ``(N, C, X, Y, Z)``; token cells and octants are numbered row-major, cell
 ``(i, j, k)`` of a grid ``(gx, gy, gz)`` is ``(i * gy + j) * gz + k`` and octant
 ``(a, b, c)`` (each 0 = lower half, 1 = upper half) is ``4a + 2b + c``. Masks are bool

@@ -5,7 +5,8 @@ One module serves fine-tuning (dense: ``encoder(x)``) and pre-training (masked:
 operator behaves as a submanifold sparse operator (zero output at masked
 positions; kept outputs depend only on kept inputs) and the ViT sees only kept
 tokens. How the masked CNN is executed (dense-then-mask, or block-sparse) is a
-pluggable backend with identical numbers.
+pluggable backend object with identical numbers (:mod:`nnunet_hyspark.sparse`), resolved once
+per run and passed in.
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nnunet_hyspark.masking import ENCODER_STRIDE, kept_token_indices, masks_per_scale
-from nnunet_hyspark.models.blocks import MedNeXtBlock, TransformerBlock, init_vit_weights
-from nnunet_hyspark.models.pos_embed import sincos_3d
+from nnunet_hyspark.layers.blocks import MedNeXtBlock, TransformerBlock, init_vit_weights
+from nnunet_hyspark.layers.pos_embed import sincos_3d
+from nnunet_hyspark.masking import ENCODER_STRIDE, kept_token_indices
+from nnunet_hyspark.patch_rules import check_patch_multiple
+from nnunet_hyspark.sparse import DENSE, SparseBackend, get_backend
 
 DEFAULT_WIDTHS = (32, 64, 128, 256, 384)
 DEFAULT_DEPTHS = (1, 1, 3, 3, 1)
@@ -24,12 +27,8 @@ DEFAULT_EXPANSIONS = (2, 4, 4, 4, 2)
 
 
 def check_divisible(spatial_shape: Sequence[int], stride: int = ENCODER_STRIDE, what: str = "patch size") -> None:
-    """Raise a ValueError naming the first axis that is not a multiple of ``stride``."""
-    for axis, n in enumerate(spatial_shape):
-        if n % stride != 0 or n <= 0:
-            raise ValueError(
-                f"{what} {tuple(int(s) for s in spatial_shape)}: axis {axis} has {n} voxels, which is not a "
-                f"positive multiple of {stride} (the hybrid encoder downsamples by {stride})")
+    """The project's one patch rule (a PatchSizeError, also a ValueError) for the hybrid encoder's stride."""
+    check_patch_multiple(spatial_shape, stride, what, why=f"the hybrid encoder downsamples by {stride}", dims=None)
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -120,8 +119,9 @@ class HybridEncoder(nn.Module):
         return self._pos_cache[key]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                backend: str = "dense") -> list[torch.Tensor]:
-        """Dense when ``mask`` is None; otherwise ``mask`` (B, gx, gy, gz), True = kept cell."""
+                backend: SparseBackend | None = None) -> list[torch.Tensor]:
+        """Dense when ``mask`` is None; otherwise ``mask`` (B, gx, gy, gz), True = kept cell, and the CNN
+        runs on ``backend`` (a resolved :mod:`nnunet_hyspark.sparse` backend object; None = dense)."""
         check_divisible(x.shape[2:], what="input")
         grid = tuple(n // ENCODER_STRIDE for n in x.shape[2:])
         if mask is None:
@@ -129,11 +129,13 @@ class HybridEncoder(nn.Module):
         else:
             if tuple(mask.shape) != (x.shape[0], *grid):
                 raise ValueError(f"mask shape {tuple(mask.shape)} does not match batch and grid {(x.shape[0], *grid)}")
-            feats = run_masked_cnn(self.embeddings, x, mask, backend)
-        feats[4] = self._transformer(feats[4], mask)
+            feats = (backend or DENSE)(self.embeddings, x, mask)
+        feats[4] = self.transformer(feats[4], mask)
         return feats
 
-    def _transformer(self, h5: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def transformer(self, h5: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The ViT part on the CNN's 1/16 map ``h5``: positions added, only kept tokens encoded when ``mask``
+        is given (masked cells come back as zeros); the map (B, C, gx, gy, gz) of the normed tokens."""
         b, c = h5.shape[:2]
         grid = h5.shape[2:]
         tokens = h5.flatten(2).transpose(1, 2)  # (B, L, C) in row-major (x, y, z) order
@@ -151,10 +153,8 @@ class HybridEncoder(nn.Module):
 
 
 def run_masked_cnn(embeddings: CNNEmbeddings, x: torch.Tensor, mask: torch.Tensor,
-                   backend: str = "dense") -> list[torch.Tensor]:
-    """Execute the CNN part with submanifold-sparse semantics using the chosen backend."""
-    if backend == "dense":
-        return embeddings(x, masks_per_scale(mask))
-    from nnunet_hyspark.sparse import get_backend  # optional backends live in their own package
-
-    return get_backend(backend)(embeddings, x, mask)
+                   backend: SparseBackend | str | None = None) -> list[torch.Tensor]:
+    """The CNN part alone with submanifold-sparse semantics, on a backend object or name (None = dense)."""
+    if isinstance(backend, str):
+        backend = get_backend(backend)
+    return (backend or DENSE)(embeddings, x, mask)

@@ -1,0 +1,1 @@
+"""Building blocks shared by the methods' networks (convolution / transformer blocks, position embeddings)."""
