@@ -21,7 +21,9 @@ def decay_groups(model: nn.Module, weight_decay: float,
         key_name, extra = group_of(name) if group_of else ("all", {})
         key = (key_name, no_decay)
         if key not in groups:
+            # "decayed" marks the group for weight-decay schedules: its value may start at 0 and still grow
             groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "decayed": not no_decay,
                            "group": f"{key_name}/{'no_decay' if no_decay else 'decay'}", **extra}
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)

@@ -133,7 +133,7 @@ class Pretrainer:
         lr, wd = self.lr_at(self.step), self.weight_decay_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-            if group["weight_decay"] > 0:
+            if group.get("decayed", True):  # not "> 0": a schedule starting at 0 must still be applied
                 group["weight_decay"] = wd
         return lr
 
