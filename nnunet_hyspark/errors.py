@@ -7,6 +7,7 @@ still show their traceback, because those are bugs we want reported.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -38,8 +39,33 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int | None]:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except OSError as e:  # permissions and full disks are the user's to fix, not bugs
+            message = os_error_message(e)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
 
     return wrapper
+
+
+#: errno -> what to do, for the file-system errors a user causes and can fix
+_OS_ERROR_HINTS = {
+    errno.EACCES: "check the permissions of that path, or choose another output folder",
+    errno.EPERM: "check the permissions of that path, or choose another output folder",
+    errno.ENOSPC: "free disk space (or choose a folder on another disk) and run the command again",
+    errno.EDQUOT: "your disk quota is used up: free space and run the command again",
+    errno.EROFS: "the file system is read-only: choose another output folder",
+}
+
+
+def os_error_message(e: OSError) -> str | None:
+    """One line ``<what failed> -> <what to do>`` for permission / disk errors, else None."""
+    hint = _OS_ERROR_HINTS.get(e.errno)
+    if hint is None:
+        return None
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or type(e).__name__}{where} -> {hint}"
 
 
 NNUNET_ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
