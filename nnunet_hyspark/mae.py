@@ -29,32 +29,37 @@ def unpatchify(p: torch.Tensor, channels: int, grid: Sequence[int], patch: int =
     return x.reshape(b, channels, gx * patch, gy * patch, gz * patch)
 
 
-def normalised_targets(x: torch.Tensor, eps: float = 1e-6,
-                       patch: int = ENCODER_STRIDE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-patch normalised targets and the statistics used (mean, sqrt(unbiased var + eps))."""
+def normalised_targets(x: torch.Tensor, eps: float = 1e-6, patch: int = ENCODER_STRIDE,
+                       unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-patch normalised targets and the statistics used (mean, sqrt(var + eps)).
+
+    ``unbiased``: the variance HySparK's published code uses (the default); False gives a layer norm
+    without affine parameters (biased variance), as Hi-End-MAE's published code normalises.
+    """
     target = patchify(x, patch)
     mean = target.mean(dim=-1, keepdim=True)
-    std = (target.var(dim=-1, keepdim=True, unbiased=True) + eps).sqrt()
+    std = (target.var(dim=-1, keepdim=True, unbiased=unbiased) + eps).sqrt()
     return (target - mean) / std, mean, std
 
 
 def masked_patch_mse(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
-                     patch: int = ENCODER_STRIDE) -> torch.Tensor:
-    """MSE of predicted rows ``pred`` (B, L, C * patch^3) against per-patch normalised targets of ``x``,
-    averaged over masked cells (mask False) only."""
-    target, _, _ = normalised_targets(x, patch=patch)
+                     patch: int = ENCODER_STRIDE, unbiased: bool = True) -> torch.Tensor:
+    """MSE of predicted rows ``pred`` (B, L, C * patch^3) against per-patch normalised targets of ``x``
+    (:func:`normalised_targets`, ``unbiased`` variance or not), averaged over masked cells (mask False) only."""
+    target, _, _ = normalised_targets(x, patch=patch, unbiased=unbiased)
     per_patch = (pred - target).pow(2).mean(dim=-1)  # (B, L)
     masked = (~mask.flatten(1)).to(per_patch.dtype)
     return (per_patch * masked).sum() / masked.sum().clamp_min(1.0)
 
 
 def preview_images(x: torch.Tensor, pred_patches: torch.Tensor, mask: torch.Tensor,
-                   patch: int = ENCODER_STRIDE) -> dict[str, torch.Tensor]:
+                   patch: int = ENCODER_STRIDE, unbiased: bool = True) -> dict[str, torch.Tensor]:
     """Images for previews of any masked-patch model: the input, the masked input (NaN where hidden),
-    and the reconstruction (predicted patches de-normalised with the target's own statistics, kept
-    patches from the input, as MAE visualises). ``pred_patches`` is (B, L, C * patch^3)."""
+    and the reconstruction (predicted patches de-normalised with the target's own statistics, the
+    model's ``unbiased`` choice, kept patches from the input, as MAE visualises).
+    ``pred_patches`` is (B, L, C * patch^3)."""
     x = x.float()
-    _, mean, std = normalised_targets(x, patch=patch)
+    _, mean, std = normalised_targets(x, patch=patch, unbiased=unbiased)
     keep = mask.flatten(1)[..., None].to(x.dtype)
     full = pred_patches.float() * std + mean
     recon = unpatchify(full * (1 - keep) + patchify(x, patch) * keep, x.shape[1], mask.shape[1:], patch)

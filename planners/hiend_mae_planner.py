@@ -23,7 +23,7 @@ import numpy as np
 from nnunet_hyspark.methods import get_method
 from nnunet_hyspark.methods.hiend_mae.encoder import DEFAULT_VIT_PATCH, VIT_CONFIGS
 from nnunet_hyspark.methods.hiend_mae.memory import estimate_training_memory
-from nnunet_hyspark.methods.hiend_mae.network import plans_strides
+from nnunet_hyspark.methods.hiend_mae.network import DEFAULT_FEATURE_SIZE, plans_strides
 from nnunet_hyspark.planners.hyspark_planner import DEFAULT_GPU_MEMORY_TARGET_GB, HySparKPlanner
 
 PLANS_NAME = "nnUNetHiEndMAEPlans"
@@ -31,7 +31,7 @@ VIT_PATCHES = (12, 16)
 MAX_TOKENS = 12 ** 3  # e.g. 144^3 voxels at ViT patch 12
 
 #: Fine-tuning network presets: the ViT (see methods.hiend_mae.encoder.VIT_CONFIGS) and the UNETR decoder's feature size.
-ARCH_PRESETS: dict[str, dict] = {name: {**cfg, "feature_size": 4 if name == "tiny" else 16}
+ARCH_PRESETS: dict[str, dict] = {name: {**cfg, "feature_size": 4 if name == "tiny" else DEFAULT_FEATURE_SIZE}
                                  for name, cfg in VIT_CONFIGS.items()}
 
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import loss_before_and_after_training
 from nnunet_hyspark.errors import HySparKError
-from nnunet_hyspark.mae import masked_patch_mse, normalised_targets
+from nnunet_hyspark.mae import masked_patch_mse, normalised_targets, patchify
 from nnunet_hyspark.methods import ModelOptions
 from nnunet_hyspark.methods.hiend_mae.encoder import ViTEncoder
 from nnunet_hyspark.methods.hiend_mae.model import HiEndMAE
@@ -97,13 +97,17 @@ def test_only_masked_patches_contribute_to_the_loss():
     kept = mask.flatten(1)
     assert pred.grad[kept].abs().max() == 0
     assert (pred.grad[~kept].abs().sum(-1) > 0).all()
-    target, _, _ = normalised_targets(x, patch=12)
+    # the target is each patch through a layer norm without affine parameters (biased variance, eps 1e-6), as
+    # the published code normalises; HySparK's helper default (unbiased variance) gives another number
+    target = torch.nn.functional.layer_norm(patchify(x, 12), (12 ** 3,), eps=1e-6)
     manual = ((pred.detach() - target) ** 2).mean(-1)[~kept].mean()
     assert torch.allclose(out["loss"], manual, atol=1e-6)
+    assert torch.allclose(normalised_targets(x, patch=12, unbiased=False)[0], target, atol=1e-5)
+    assert not torch.allclose(masked_patch_mse(pred.detach(), x, mask, 12), manual, atol=1e-5)
     # a perfect prediction on masked patches gives zero, whatever the kept rows hold
     fake = target.clone()
     fake[kept] += 3.0
-    assert masked_patch_mse(fake, x, mask, 12).item() < 1e-10
+    assert masked_patch_mse(fake, x, mask, 12, unbiased=False).item() < 1e-10
 
 
 def test_mask_ratio_and_token_dropping():
@@ -119,10 +123,10 @@ def test_mask_ratio_and_token_dropping():
 
 def test_patch_axes_must_be_multiples_of_the_vit_patch():
     model = tiny_mae()
-    with pytest.raises(HySparKError, match="axis 1 has 30 voxels"):
+    with pytest.raises(HySparKError, match=r"axis 1 \(y\) = 30 is not a multiple of 12"):
         model(torch.randn(1, 1, 24, 30, 24))
     args = ModelOptions(mask_ratio=0.75)
-    with pytest.raises(HySparKError, match="axis 2 has 20 voxels"):
+    with pytest.raises(HySparKError, match=r"axis 2 \(z\) = 20 is not a multiple of 12"):
         build({**TINY, "vit_patch": 12, "patch_size": [24, 24, 20]}, 1, args)
     with pytest.raises(ValueError, match="taps"):
         ViTEncoder(1, 12, 24, 4, 2, taps=(2, 7))
@@ -217,7 +221,7 @@ def test_unetr_pyramid_and_errors():
     assert up_factors(12) == (1, 3, 2, 2) and up_factors(16) == (2, 2, 2, 2)
     assert plans_strides(12) == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [3, 3, 3], [1, 1, 1]]
     assert plans_strides(16) == [[1, 1, 1]] + [[2, 2, 2]] * 4
-    with pytest.raises(HySparKError, match="axis 2 has 40 voxels"):
+    with pytest.raises(HySparKError, match=r"axis 2 \(z\) = 40 is not a multiple of 12"):
         HiEndUNETR(1, 2, (24, 24, 40), 12, **TINY)
     with pytest.raises(ValueError, match="strides"):
         HiEndUNETR(1, 2, (24, 24, 24), 12, strides=plans_strides(16), **TINY)
@@ -239,10 +243,14 @@ def test_exported_weights_load_with_nnunet_and_adapt_channels(tmp_path):
     net = HiEndUNETR(1, 4, (36, 24, 48), **{k: v for k, v in arch.items() if k != "patch_size"})
     load_pretrained_weights(net, str(path))
     for k, v in model.encoder.state_dict().items():
-        assert torch.equal(net.state_dict()[f"encoder.{k}"], v)
+        if k != "cls_token":  # pre-training only: the fine-tuning ViT has none
+            assert torch.equal(net.state_dict()[f"encoder.{k}"], v)
     obj = torch.load(path, weights_only=False)
     assert all(v.device.type == "cpu" for v in obj["network_weights"].values())
     assert not any(".seg_layers." in k for k in obj["network_weights"])
+    # every network tensor but the heads is in the file, with its shape, and nothing else
+    net_state = {k: v.shape for k, v in net.state_dict().items() if ".seg_layers." not in k}
+    assert {k: v.shape for k, v in obj["network_weights"].items()} == net_state
     # 2 input channels: hyspark_convert_checkpoint repeats and scales the patch embedding (the image conv of
     # the decoder is re-initialised for 2 channels)
     from nnunet_hyspark.cli.convert_checkpoint import main as convert

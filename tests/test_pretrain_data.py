@@ -10,6 +10,7 @@ import torch
 
 from fakes import write_fake_preprocessed_dataset
 from nnunet_hyspark.errors import HySparKError
+from nnunet_hyspark.methods.data_recipe import DataRecipe
 from nnunet_hyspark.pretraining.data import (
     PerAxisMirrorTransform,
     PretrainDataConfig,
@@ -22,6 +23,7 @@ from nnunet_hyspark.pretraining.data import (
 
 FG = {"mean": 0.0, "std": 300.0, "percentile_00_5": -1000.0, "percentile_99_5": 1000.0}
 AIR = -1000.0 / 300.0  # normalised air value of the fake CT
+NO_FLIPS = DataRecipe(flip_probs=(0.0, 0.0, 0.0))
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +194,7 @@ def test_missing_preprocessed_data_tells_what_to_run(pre, tmp_path):
 
 
 def test_padding_with_air_when_volume_smaller_than_patch(pre):
-    train, val, _ = build_pretrain_loaders(cfg_for(pre, patch_size=(48, 48, 48), flip_probs=(0, 0, 0),
+    train, val, _ = build_pretrain_loaders(cfg_for(pre, patch_size=(48, 48, 48), recipe=NO_FLIPS,
                                                    body_threshold=None))
     b = next(train)
     assert b.shape == (2, 1, 48, 48, 48)
@@ -216,16 +218,16 @@ def test_flip_probabilities_per_axis():
     assert torch.equal(out, torch.flip(img, (2,)))
     tr, crop = build_pretrain_transforms((32, 32, 32))
     assert crop == (32, 32, 32) and isinstance(tr.transforms[-1], PerAxisMirrorTransform)
-    assert build_pretrain_transforms((32, 32, 32), flip_probs=(0, 0, 0))[0] is None
+    assert build_pretrain_transforms((32, 32, 32), NO_FLIPS)[0] is None
 
 
 def test_flips_happen_in_batches(pre):
     # flips draw from the augmentation stream, crop positions from their own stream: with probability 1 on x
     # the batch is exactly the unflipped batch flipped along x
-    train, _, _ = build_pretrain_loaders(cfg_for(pre, flip_probs=(1.0, 0, 0), body_threshold=None,
+    train, _, _ = build_pretrain_loaders(cfg_for(pre, recipe=DataRecipe(flip_probs=(1.0, 0, 0)), body_threshold=None,
                                                  patch_size=(48, 48, 48), val_fraction=0))
     b = next(train)
-    ref, _, _ = build_pretrain_loaders(cfg_for(pre, flip_probs=(0, 0, 0), body_threshold=None,
+    ref, _, _ = build_pretrain_loaders(cfg_for(pre, recipe=NO_FLIPS, body_threshold=None,
                                                patch_size=(48, 48, 48), val_fraction=0))
     assert torch.equal(b, torch.flip(next(ref), (2,)))
 

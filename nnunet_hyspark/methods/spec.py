@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nnunet_hyspark.memory import MemoryEstimate
+from nnunet_hyspark.methods.data_recipe import DataRecipe
 
 if TYPE_CHECKING:  # typing only: the sparse package is not needed to describe a method
     from nnunet_hyspark.sparse import SparseBackend
@@ -77,10 +78,15 @@ class MethodSpec:
     recipe: Mapping[str, Any] = field(default_factory=dict)
     #: the data / masking part of the recipe for --help, when the single mask ratio does not describe it
     recipe_note: str = ""
+    #: how pre-training crops are sampled and augmented (the defaults are HySparK's; flags override fields)
+    data_recipe: DataRecipe = field(default_factory=DataRecipe)
     #: published checkpoint (a loaded object) -> (network_weights, meta, report); None: nothing published
     convert_published: Callable[..., tuple[dict, dict, dict]] | None = None
     #: does a (unwrapped) state dict have this method's published key layout? (the converter asks each method)
     recognise_published: Callable[[Mapping[str, torch.Tensor]], bool] | None = None
+    #: (pre-training model, loaded published checkpoint) -> key report: the whole published pre-training model
+    #: (encoder, decoder, tokens) into ours, for ``hyspark_pretrain --init-from``; None: not supported
+    load_published_pretraining: Callable[[nn.Module, Any], dict] | None = None
     #: (pre-training model, unmasked batch) -> the encoder's feature maps (B, C_i, d_i, h_i, w_i), for the probe
     encoder_features: Callable[[nn.Module, torch.Tensor], list[torch.Tensor]] | None = None
 

@@ -3,8 +3,8 @@
 Read top to bottom with ``encoder.py``, this file is the whole method (``docs/methods.md``):
 
 1. :class:`~nnunet_hyspark.methods.hiend_mae.encoder.ViTEncoder`: patch embedding by a strided
-   Conv3d (kernel = stride = the ViT patch, 12 by default), a class token (zero position), fixed
-   3D sin-cos positions rebuilt for the actual token grid (any patch whose axes are multiples of
+   Conv3d (kernel = stride = the ViT patch, 12 by default), a class token (zero position; only in
+   pre-training, as published), fixed 3D sin-cos positions rebuilt for the actual token grid (any patch whose axes are multiples of
    the ViT patch), pre-norm blocks (qkv bias, LayerNorm eps 1e-6). It returns the outputs of the
    tapped blocks (4, 7, 10, 1-based) and the final normed output. The same module is the encoder
    of the fine-tuning network :class:`~nnunet_hyspark.methods.hiend_mae.network.HiEndUNETR`.
@@ -15,9 +15,14 @@ Read top to bottom with ``encoder.py``, this file is the whole method (``docs/me
    projected final output (class token + kept tokens) with mask tokens at the masked positions
    (original order), plus decoder sin-cos positions; 2 self-attention blocks; one
    cross-attention block per tapped layer, deepest first (self-attention -> cross-attention with
-   keys/values from the projected layer 10, then 7, then 4 -> MLP); LayerNorm; Linear to the
-   ``patch^3 * C`` voxels of a patch.
-4. loss: MSE against per-patch normalised targets, averaged over MASKED patches only.
+   keys/values from the projected layer 10, then 7, then 4, read as projected, without a norm ->
+   MLP); LayerNorm; Linear to the ``patch^3 * C`` voxels of a patch.
+4. loss: MSE against per-patch normalised targets (a layer norm without affine parameters:
+   biased variance, eps 1e-6), averaged over MASKED patches only.
+
+The sampling can come from outside (``forward(x, keep_idx=...)``), so a run can be replayed, and
+a published pre-training checkpoint loads into :class:`HiEndMAE` with
+:func:`nnunet_hyspark.methods.hiend_mae.published.load_published_pretraining`.
 
 Recipe (see :data:`RECIPE`): AdamW lr 1e-4, betas (0.9, 0.95), weight decay 0.05 constant with
 NO decay on biases, norm weights and tokens (the published code meant to exempt them but decays
@@ -82,22 +87,24 @@ class CrossAttention(nn.Module):
 
 
 class CrossAttentionBlock(nn.Module):
-    """x + SelfAttn(LN x); x + CrossAttn(LN x, LN memory); x + MLP(LN x)."""
+    """x + SelfAttn(LN0 x); x + CrossAttn(LN1 x, memory); x + MLP(LN2 x) (the published block and its names).
+
+    The memory (a projected encoder layer) is read as it is: the published decoder has no norm there.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm0 = nn.LayerNorm(dim, eps=LN_EPS)
         self.self_attn = Attention(dim, num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.norm_memory = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.cross_attn = CrossAttention(dim, num_heads)
-        self.norm3 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.norm1(x))
-        x = x + self.cross_attn(self.norm2(x), self.norm_memory(memory))
-        return x + self.mlp(self.norm3(x))
+        x = x + self.self_attn(self.norm0(x))
+        x = x + self.cross_attn(self.norm1(x), memory)
+        return x + self.mlp(self.norm2(x))
 
 
 class HierarchicalDecoder(nn.Module):
@@ -160,20 +167,41 @@ class HiEndMAE(nn.Module):
         """(B, gx, gy, gz) bool, True = kept; the same number of kept tokens in every sample."""
         return random_cell_mask(x.shape[0], self.encoder.grid(x.shape[2:]), self.mask_ratio, generator, x.device)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Returns ``loss``, ``pred`` (B, L, patch^3 * C; normalised-patch space) and the ``mask`` used."""
-        if mask is None:
-            mask = self.random_mask(x)
-        keep_idx = kept_token_indices(mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                keep_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Returns ``loss``, ``pred`` (B, L, patch^3 * C; normalised-patch space) and the ``mask`` used.
+
+        The sampling is ``mask`` (B, gx, gy, gz), True = kept, or ``keep_idx`` (B, K): the flat indices
+        of the kept tokens per sample in the order they enter the encoder (the published code's
+        ``ids_keep``, to replay its sampling); a random mask when neither is given.
+        """
+        grid = self.encoder.grid(x.shape[2:])
+        if keep_idx is not None:
+            if mask is not None:
+                raise ValueError("give the sampling as mask or keep_idx, not both")
+            mask = mask_of_kept(keep_idx, grid)
+        else:
+            mask = self.random_mask(x) if mask is None else mask
+            keep_idx = kept_token_indices(mask)
         feats = self.encoder(x, keep_idx)
-        pred = self.decoder(feats, keep_idx, mask.shape[1:])
-        return {"loss": masked_patch_mse(pred.float(), x.float(), mask, self.patch), "pred": pred, "mask": mask}
+        pred = self.decoder(feats, keep_idx, grid)
+        loss = masked_patch_mse(pred.float(), x.float(), mask, self.patch, unbiased=False)
+        return {"loss": loss, "pred": pred, "mask": mask}
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Preview images: input, masked input, reconstruction (predicted patches de-normalised with the
         target's own statistics, kept patches from the input, as MAE visualises)."""
-        return preview_images(x, pred, mask, self.patch)
+        return preview_images(x, pred, mask, self.patch, unbiased=False)
+
+
+def mask_of_kept(keep_idx: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """(B, gx, gy, gz) bool mask, True at the flat indices ``keep_idx`` (B, K); each index at most once."""
+    flat = torch.zeros(keep_idx.shape[0], int(torch.tensor(grid).prod()), dtype=torch.bool, device=keep_idx.device)
+    flat.scatter_(1, keep_idx, True)
+    if int(flat.sum(1).min()) != keep_idx.shape[1]:
+        raise ValueError("keep_idx repeats a token index within a sample")
+    return flat.view(-1, *grid)
 
 
 # ----------------------------------------------------------------------------------------------- method hooks
@@ -193,3 +221,9 @@ def build_model(arch_kwargs: Mapping[str, Any], in_channels: int, options: Model
     if patch is not None:
         token_grid(patch, encoder.vit_patch, "--patch-size" if options.level_patch else "plans patch size")
     return HiEndMAE(encoder, mask_ratio=options.mask_ratio, decoder_width=options.decoder_width, arch=arch)
+
+
+def encoder_features(model: HiEndMAE, x: torch.Tensor) -> list[torch.Tensor]:
+    """The linear probe's features: the maps the UNETR reads (tapped blocks, final normed output) of the
+    unmasked batch ``x``, each (B, D, gx, gy, gz) on the token grid (class token dropped)."""
+    return model.encoder.token_maps(x)

@@ -5,7 +5,8 @@ nnU-Net contract (like :class:`~nnunet_hyspark.methods.hyspark.network.HySparKUN
 toggles between a list of logits (largest first) and one tensor; heads live in
 ``decoder.seg_layers`` so ``-pretrained_weights`` skips them; positions are fixed sin-cos
 rebuilt for the token grid, so one weights file serves every patch size (multiples of the
-ViT patch on every axis, not only 96^3).
+ViT patch on every axis, not only 96^3). As in the published fine-tuning UNETR, the ViT has no
+class token and the decoder's feature size is 32 (widths 32, 64, 128, 256).
 
 Resolution pyramid. UNETR with a 16^3 ViT patch climbs from the token grid (1/16) by four x2
 steps, with skips from blocks 4, 7, 10 at 1/2, 1/4, 1/8 and the input convolution at full
@@ -41,7 +42,7 @@ from nnunet_hyspark.layers.blocks import ResBlock, decode_with_deep_supervision
 from nnunet_hyspark.methods.hiend_mae.encoder import DEFAULT_TAPS, DEFAULT_VIT_PATCH, ViTEncoder, token_grid
 
 NUM_LEVELS = 4  # decoder levels above the token grid, i.e. deep-supervision outputs
-DEFAULT_FEATURE_SIZE = 16  # UNETR's
+DEFAULT_FEATURE_SIZE = 32  # the published Hi-End-MAE fine-tuning UNETR's
 
 
 def up_factors(vit_patch: int) -> tuple[int, ...]:
@@ -145,11 +146,11 @@ class HiEndUNETR(nn.Module):
             raise ValueError(f"strides {strides} do not match HiEndUNETR's pyramid for ViT patch {vit_patch}: "
                              f"{expected}; fix the plans (hyspark_plan_and_preprocess --network hiend_mae)")
         self.strides = expected
-        self.encoder = ViTEncoder(input_channels, vit_patch, embed_dim, depth, num_heads, mlp_ratio, taps)
+        # no class token: the published fine-tuning ViT has none (pre-training's is not exported)
+        self.encoder = ViTEncoder(input_channels, vit_patch, embed_dim, depth, num_heads, mlp_ratio, taps,
+                                  class_token=False)
         self.decoder = UNETRDecoder(input_channels, num_classes, embed_dim, vit_patch, feature_size,
                                     deep_supervision)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        grid = self.encoder.grid(x.shape[2:])
-        maps = [f[:, 1:].transpose(1, 2).reshape(f.shape[0], f.shape[-1], *grid) for f in self.encoder(x)]
-        return self.decoder(x, maps)
+        return self.decoder(x, self.encoder.token_maps(x))

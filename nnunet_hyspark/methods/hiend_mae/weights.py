@@ -1,7 +1,9 @@
 """Hi-End-MAE's weights files: the pre-trained ViT in a HiEndUNETR file, and channel adaptation.
 
 The file (format: :mod:`nnunet_hyspark.weights`) holds the full HiEndUNETR state dict minus heads:
-the ViT pre-trained (``encoder.``), the UNETR decoder at its seeded initialisation.
+the ViT pre-trained (``encoder.``), the UNETR decoder at its seeded initialisation. The
+pre-training class token is not in it: the fine-tuning ViT has none (``hyspark_pretrain
+--init-from`` leaves it at its initialisation). Published checkpoints: ``published.py``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from nnunet_hyspark.methods.hiend_mae.encoder import ViTEncoder
+from nnunet_hyspark.methods.hiend_mae.encoder import CLASS_TOKEN_KEY, ViTEncoder
 from nnunet_hyspark.methods.hiend_mae.network import HiEndUNETR
 from nnunet_hyspark.methods.spec import FinetuneNetwork
 from nnunet_hyspark.weights import adapt_network_channels, export_network_weights, seeded_network_weights
@@ -21,6 +23,8 @@ NETWORK_CLASS_NAME = "nnunet_hyspark.methods.hiend_mae.network.HiEndUNETR"
 #: what plans and weights files of earlier versions name the network
 LEGACY_CLASS_NAMES = ("nnunet_hyspark.models.unetr.HiEndUNETR",)
 STEM_KEY = "encoder.patch_embed.weight"  # the patch embedding: its second axis is the number of input channels
+#: pre-training encoder tensors that the fine-tuning network has no place for (its ViT has no class token)
+PRETRAINING_ONLY_KEYS = (CLASS_TOKEN_KEY,)
 
 
 def finetune_network(arch: Mapping[str, Any], in_channels: int, num_classes: int = 1) -> HiEndUNETR:
@@ -31,8 +35,10 @@ def finetune_network(arch: Mapping[str, Any], in_channels: int, num_classes: int
 
 def network_weights_with_encoder(encoder_state: Mapping[str, torch.Tensor], arch: Mapping[str, Any],
                                  in_channels: int) -> dict[str, torch.Tensor]:
-    """A full HiEndUNETR state dict (minus heads): ``encoder_state`` plus a seeded decoder initialisation."""
-    return seeded_network_weights(lambda: finetune_network(arch, in_channels), encoder_state)
+    """A full HiEndUNETR state dict (minus heads): ``encoder_state`` (pre-training-only tensors dropped)
+    plus a seeded decoder initialisation."""
+    state = {k: v for k, v in encoder_state.items() if k not in PRETRAINING_ONLY_KEYS}
+    return seeded_network_weights(lambda: finetune_network(arch, in_channels), state)
 
 
 def export_vit_encoder(encoder: ViTEncoder, arch: Mapping[str, Any], meta: dict[str, Any],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from nnunet_hyspark.mae import masked_preview, masked_validation_loss
 from nnunet_hyspark.masking import ENCODER_STRIDE
+from nnunet_hyspark.methods.data_recipe import DataRecipe
 from nnunet_hyspark.methods.hyspark import memory, model, weights
 from nnunet_hyspark.methods.spec import MethodSpec
 
@@ -25,4 +26,5 @@ SPEC = MethodSpec(
     finetune_trainer="nnUNetTrainerHySparKFinetune",
     patch_multiple=ENCODER_STRIDE,  # 16: the hybrid encoder downsamples by 16 before the ViT
     recipe={},  # the pre-training loop's defaults are HySparK's reference recipe
+    data_recipe=DataRecipe(),  # published: 4 body-biased crops per volume, flips p 0.2 / 0.2 / 0.1
 )

@@ -1,4 +1,5 @@
-"""MiM level geometry: how one crop becomes the coarse, middle and fine volumes (pure functions).
+"""MiM level geometry: how one crop becomes the coarse, middle and fine volumes (pure functions), and
+:class:`MiMSampling`, everything random in one step (so a step can be replayed).
 
 MiM (Mask in Mask) reconstructs the same anatomy at three granularities. All three
 levels are volumes of the same *level patch* ``P`` (the plan's patch size, e.g. 96^3),
@@ -31,12 +32,15 @@ volumes are ``(N, C, X, Y, Z)``; token cells and octants are numbered row-major,
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from nnunet_hyspark.masking import num_kept
+from nnunet_hyspark.masking import kept_token_indices, num_kept, random_cell_mask
+from nnunet_hyspark.patch_rules import check_patch_multiple
 
 CELL = 16  # voxels per token cell and axis (the encoder's total stride)
 CROP_SCALE = 2  # crop = 2 x the level patch on every axis; octants = halves per axis
@@ -46,13 +50,10 @@ LEVEL_MULTIPLE = CELL * CROP_SCALE  # level patch axes: multiples of 32 (even to
 
 def level_patch_size(crop_shape: Sequence[int]) -> tuple[int, ...]:
     """The level patch ``P`` of a ``2P`` crop; every axis of ``P`` must be a multiple of 32."""
-    crop_shape = tuple(int(s) for s in crop_shape)
-    for axis, n in enumerate(crop_shape):
-        if n % (CROP_SCALE * LEVEL_MULTIPLE) or n <= 0:
-            raise ValueError(
-                f"MiM crop {crop_shape}: axis {axis} has {n} voxels; MiM needs crops of 2 x the level patch with "
-                f"level patch axes multiples of {LEVEL_MULTIPLE} (even 16^3 token grids), i.e. crop axes multiples "
-                f"of {CROP_SCALE * LEVEL_MULTIPLE}")
+    crop_shape = check_patch_multiple(
+        crop_shape, CROP_SCALE * LEVEL_MULTIPLE, "MiM crop", dims=None,
+        why=f"MiM cuts its levels from crops of 2 x the level patch, whose axes must be multiples of "
+            f"{LEVEL_MULTIPLE} (even 16^3 token grids)")
     return tuple(n // CROP_SCALE for n in crop_shape)
 
 
@@ -173,3 +174,57 @@ def fine_box_in_crop(octant: int, cell: int, patch: Sequence[int]) -> list[tuple
     """Per axis ``[lo, hi)`` in crop voxels of the fine volume cut from cell ``cell`` of middle octant ``octant``."""
     return [(o_lo + c_lo, o_lo + c_hi)
             for (o_lo, _), (c_lo, c_hi) in zip(octant_box_in_crop(octant, patch), cell_box(cell, token_grid(patch)))]
+
+
+# ---------------------------------------------------------------------------------------- one step's sampling
+
+
+@dataclass(frozen=True)
+class MiMSampling:
+    """Everything random in one MiM step, so that a step can be replayed exactly (e.g. with another
+    implementation's draws). Indices are flat row-major cell / octant numbers (module docstring)."""
+
+    coarse_keep: torch.Tensor  # (B, Kc) kept token cells of each coarse volume
+    octants: torch.Tensor  # (B, n_middle) crop octant each middle volume is
+    middle_keep: torch.Tensor  # (B * n_middle, Km) kept token cells of each middle volume
+    cells: torch.Tensor  # (B * n_middle, n_fine) middle-volume cell each fine volume is cut from
+    fine_keep: torch.Tensor  # (B * n_middle * n_fine, Kf) kept token cells of each fine volume
+
+    def check(self, batch_size: int, grid: Sequence[int]) -> None:
+        """Shapes consistent with ``batch_size`` crops and the level ``grid``; indices in range."""
+        n_middle, n_fine = self.octants.shape[1], self.cells.shape[1]
+        rows = {"coarse_keep": batch_size, "octants": batch_size, "middle_keep": batch_size * n_middle,
+                "cells": batch_size * n_middle, "fine_keep": batch_size * n_middle * n_fine}
+        limits = {"octants": NUM_OCTANTS}
+        for name, n in rows.items():
+            t = getattr(self, name)
+            if t.ndim != 2 or t.shape[0] != n:
+                raise ValueError(f"sampling.{name} has shape {tuple(t.shape)}, expected ({n}, k)")
+            top = limits.get(name, math.prod(grid))
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= top):
+                raise ValueError(f"sampling.{name} holds indices outside [0, {top})")
+
+    def to(self, device: torch.device | str) -> "MiMSampling":
+        return MiMSampling(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def keep_mask(kept: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """(N, K) kept cell indices -> bool mask (N, gx, gy, gz), True = kept; indices must be distinct."""
+    mask = torch.zeros(kept.shape[0], math.prod(grid), dtype=torch.bool, device=kept.device)
+    mask.scatter_(1, kept.long(), True)
+    if not bool((mask.sum(1) == kept.shape[1]).all()):
+        raise ValueError("kept token indices repeat within a sample")
+    return mask.view(kept.shape[0], *grid)
+
+
+def draw_sampling(batch_size: int, grid: Sequence[int], mask_ratios: Sequence[float], n_middle: int, n_fine: int,
+                  generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> MiMSampling:
+    """Draw one step: whole coarse octants masked, ``n_middle`` of them encoded as middle volumes,
+    ``n_fine`` middle cells masked at the middle level encoded as fine volumes (module docstring)."""
+    coarse_mask, masked_octants = grouped_mask(batch_size, grid, mask_ratios[0], generator, device)
+    octants = choose_among(masked_octants, n_middle, generator)
+    middle_mask = random_cell_mask(batch_size * n_middle, grid, mask_ratios[1], generator, device)
+    cells = choose_among(masked_cells(middle_mask), n_fine, generator)
+    fine_mask = random_cell_mask(batch_size * n_middle * n_fine, grid, mask_ratios[2], generator, device)
+    return MiMSampling(kept_token_indices(coarse_mask), octants, kept_token_indices(middle_mask), cells,
+                       kept_token_indices(fine_mask))

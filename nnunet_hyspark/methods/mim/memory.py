@@ -2,38 +2,39 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Sequence
 
 import torch
 
 from nnunet_hyspark.memory import MemoryEstimate, adamw_estimate
-from nnunet_hyspark.methods.mim.model import DEFAULT_CONV_DEPTHS, DEFAULT_WIDTHS
+from nnunet_hyspark.methods.mim.backbone import DEFAULT_CONV_DEPTHS, DEFAULT_WIDTHS
 from nnunet_hyspark.methods.mim.network import ARCH_KEYS, MiMUNet
-
-
-_PARAMETER_COUNTS: dict[tuple, int] = {}
 
 
 def count_parameters(input_channels: int = 1, num_classes: int = 2, **arch) -> int:
     """Exact parameter count, from a network built on the meta device (no memory used; cached)."""
-    arch = {k: v for k, v in arch.items() if k in ARCH_KEYS}
-    key = (input_channels, num_classes, repr(sorted(arch.items())))
-    if key not in _PARAMETER_COUNTS:
-        with torch.device("meta"):
-            net = MiMUNet(input_channels, num_classes, **arch)
-        _PARAMETER_COUNTS[key] = sum(p.numel() for p in net.parameters())
-    return _PARAMETER_COUNTS[key]
+    arch = {k: (tuple(v) if isinstance(v, list) else v) for k, v in arch.items() if k in ARCH_KEYS}
+    return _count_parameters(input_channels, num_classes, tuple(sorted(arch.items())))
+
+
+@lru_cache(maxsize=64)  # the planner asks for the same network once per candidate patch
+def _count_parameters(input_channels: int, num_classes: int, arch: tuple) -> int:
+    with torch.device("meta"):
+        net = MiMUNet(input_channels, num_classes, **dict(arch))
+    return sum(p.numel() for p in net.parameters())
 
 
 def activation_bytes_per_sample(patch_size: Sequence[int], input_channels: int = 1, num_classes: int = 2,
                                 widths: Sequence[int] = DEFAULT_WIDTHS, conv_depths: Sequence[int] = DEFAULT_CONV_DEPTHS,
                                 vit_depth: int = 11, vit_heads: int = 12, vit_mlp_ratio: float = 4.0,
-                                fifth_stage: bool = True, fifth_width: int | None = None, feature_size: int = 48
-                                ) -> float:
+                                fifth_stage: bool = True, fifth_width: int | None = None, feature_size: int = 48,
+                                **_: object) -> float:
     """Bytes autograd keeps for one sample under autocast: a per-voxel count per layer, like
     :mod:`nnunet_hyspark.methods.hyspark.memory` does for HySparKUNet but coarser (2 bytes per fp16 tensor, 4 per fp32
-    norm input/output; ~22C + 4rC per conv block, 10C per down conv, ViT ``22D + 4mD + 4hL`` per token,
-    ~28C per residual block, 16K + 10 per head with nnU-Net's loss)."""
+    norm input/output; ~22C + 4rC per conv block, 10C per down conv, 14C for the fifth stage, ViT
+    ``22D + 4mD + 4hL`` per token, ~28C per residual block, 16K + 10 per head with nnU-Net's loss). Layer-scale
+    and stochastic depth (the other keyword arguments) keep about one more token-sized tensor each: ignored."""
     w = list(widths)
     scales = 6 if fifth_stage else 5
     n = [math.prod(int(s) // 2 ** k for s in patch_size) for k in range(scales)]
@@ -43,8 +44,8 @@ def activation_bytes_per_sample(patch_size: Sequence[int], input_channels: int =
         total += n[i + 1] * (10 * w[i] + conv_depths[i] * (22 * w[i] + 4 * 4 * w[i]) + 8 * w[i])
     d, tokens = w[3], n[4]
     total += tokens * (10 * d + vit_depth * (22 * d + 4 * vit_mlp_ratio * d + 4 * vit_heads * tokens) + 8 * d)
-    if fifth_stage:
-        total += n[5] * 10 * c[5]
+    if fifth_stage:  # conv, BatchNorm, GELU, stage norm
+        total += n[5] * 14 * c[5]
     for k in range(4):  # skip residual blocks (their input is kept too)
         total += n[k] * (28 * c[k] + 2 * (input_channels if k == 0 else c[k]))
     total += n[scales - 1] * 30 * c[scales - 1]  # bottleneck block

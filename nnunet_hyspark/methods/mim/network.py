@@ -1,8 +1,12 @@
 """MiMUNet: the MiM backbone under a Swin-UNETR-style decoder, as nnU-Net builds it from plans.
 
-Encoder: :class:`~nnunet_hyspark.methods.mim.model.MiMBackbone` run densely (all tokens), plus a
-fifth stage ``Conv3d(384 -> 768, k2 s2)`` to 1/32. Stage outputs are layer-normed
-(channel LayerNorm; stage 4 uses the backbone's own pre-trained final LayerNorm): widths
+Encoder: :class:`~nnunet_hyspark.methods.mim.backbone.MiMBackbone` run densely (all tokens) with
+the published fine-tuning backbone's additions: layer-scale in the ViT blocks (``gamma_1``,
+``gamma_2``, initial value 1, so a pre-trained backbone computes the same function at the start)
+and stochastic depth over the ViT blocks (0 at the first to 0.2 at the last; ``drop_path``), plus
+a fifth stage ``Conv3d(384 -> 768, k2 s2) + BatchNorm + GELU`` to 1/32 (nnU-Net converts the
+BatchNorm to SyncBatchNorm under DDP, as the published code uses). Stage outputs are
+layer-normed (eps 1e-5; stage 4 uses the backbone's own pre-trained final LayerNorm): widths
 48 / 96 / 192 / 384 / 768 at 1/2 ... 1/32 with the defaults.
 
 Decoder (Swin-UNETR's, feature size 48): a residual conv block on the input (48 at full
@@ -36,11 +40,13 @@ import torch
 from torch import nn
 
 from nnunet_hyspark.layers.blocks import ChannelLayerNorm, ResBlock, decode_with_deep_supervision
-from nnunet_hyspark.methods.mim.model import DEFAULT_CONV_DEPTHS, DEFAULT_WIDTHS, MiMBackbone
+from nnunet_hyspark.methods.mim.backbone import DEFAULT_CONV_DEPTHS, DEFAULT_WIDTHS, FINETUNE_DROP_PATH, MiMBackbone
+from nnunet_hyspark.patch_rules import check_patch_multiple
 
 #: constructor arguments of MiMUNet that describe the architecture (stored in weights files)
 ARCH_KEYS = ("widths", "conv_depths", "vit_depth", "vit_heads", "vit_mlp_ratio", "fifth_stage", "fifth_width",
-             "feature_size")
+             "feature_size", "layer_scale", "drop_path")
+STAGE_NORM_EPS = 1e-5  # torch's layer_norm default, which the published network uses on its stage outputs
 
 
 def strides_for(fifth_stage: bool = True) -> list[list[int]]:
@@ -88,12 +94,12 @@ class MiMUNet(nn.Module):
                  widths: Sequence[int] = DEFAULT_WIDTHS, conv_depths: Sequence[int] = DEFAULT_CONV_DEPTHS,
                  vit_depth: int = 11, vit_heads: int = 12, vit_mlp_ratio: float = 4.0, fifth_stage: bool = True,
                  fifth_width: int | None = None, feature_size: int = 48, deep_supervision: bool = True,
-                 strides: Sequence | None = None):
+                 strides: Sequence | None = None, layer_scale: bool = True, drop_path: float = FINETUNE_DROP_PATH):
         super().__init__()
         self.fifth_stage = bool(fifth_stage)
         self.multiple = 32 if self.fifth_stage else 16
         if patch_size is not None:
-            self.check_input(patch_size, "patch size")
+            self.check_input(patch_size, "MiMUNet patch_size")
         self.patch_size = tuple(patch_size) if patch_size is not None else None
         # plans carry the strides only because nnU-Net's trainer derives its deep-supervision scales from them
         expected = strides_for(self.fifth_stage)
@@ -101,23 +107,25 @@ class MiMUNet(nn.Module):
             raise ValueError(f"strides {strides} do not match MiMUNet's fixed strides {expected} (full resolution, "
                              f"then {len(expected) - 1} 2x downsamplings); fix the plans")
         self.strides = expected
-        self.encoder = MiMBackbone(input_channels, widths, conv_depths, vit_depth, vit_heads, vit_mlp_ratio)
+        self.encoder = MiMBackbone(input_channels, widths, conv_depths, vit_depth, vit_heads, vit_mlp_ratio,
+                                   layer_scale=layer_scale, drop_path=drop_path)
         w = list(self.encoder.widths)
-        self.stage_norms = nn.ModuleList(ChannelLayerNorm(c) for c in w[:3])
+        self.stage_norms = nn.ModuleList(ChannelLayerNorm(c, STAGE_NORM_EPS) for c in w[:3])
         if self.fifth_stage:
             fifth_width = int(fifth_width or 2 * w[3])
-            self.stage5 = nn.Conv3d(w[3], fifth_width, 2, stride=2)
-            self.stage5_norm = ChannelLayerNorm(fifth_width)
+            self.stage5 = nn.Sequential(nn.Conv3d(w[3], fifth_width, 2, stride=2), nn.BatchNorm3d(fifth_width),
+                                        nn.GELU())
+            self.stage5_norm = ChannelLayerNorm(fifth_width, STAGE_NORM_EPS)
             w.append(fifth_width)
         self.decoder = MiMUNetDecoder(input_channels, w, feature_size, num_classes, deep_supervision)
 
     def check_input(self, spatial_shape: Sequence[int], what: str = "input") -> None:
-        shape = tuple(int(s) for s in spatial_shape)
+        """The project's patch rule (a PatchSizeError, also a ValueError), and at least two deepest voxels."""
         hint = " (or use fifth_stage=False for multiples of 16)" if self.fifth_stage else ""
-        for axis, n in enumerate(shape):
-            if n % self.multiple or n <= 0:
-                raise ValueError(f"{what} {shape}: axis {axis} has {n} voxels, not a positive multiple of "
-                                 f"{self.multiple} (MiMUNet downsamples by {self.multiple}){hint}")
+        shape = check_patch_multiple(spatial_shape, self.multiple, what, dims=None,
+                                     why=f"MiMUNet downsamples by {self.multiple}",
+                                     hint=f"use e.g. {{lo}} or {{hi}} on axis {{axis}}{hint}")
+        # the fifth stage's BatchNorm and the decoder's instance norms need more than one value per channel
         if all(n == self.multiple for n in shape):
             raise ValueError(f"{what} {shape} leaves a single voxel at the deepest scale, where the decoder's "
                              f"instance norms cannot train: make one axis at least {2 * self.multiple}{hint}")

@@ -1,8 +1,10 @@
 """MiM's weights files: the pre-trained backbone in a MiMUNet file, and channel adaptation.
 
 The file (format: :mod:`nnunet_hyspark.weights`) holds the full MiMUNet state dict minus heads: the
-backbone pre-trained (``encoder.``) and everything else (fifth stage, stage norms, decoder) at a
-seeded initialisation; the fusion convs and the MAE decoder of pre-training are dropped.
+backbone pre-trained (``encoder.``; its layer-scale tensors, which pre-training does not have, at
+their initial value 1) and everything else (fifth stage, stage norms, decoder) at a seeded
+initialisation; the fusion convs, the MAE decoder and the alignment heads of pre-training are
+dropped. Published checkpoints convert with :mod:`nnunet_hyspark.methods.mim.published`.
 """
 from __future__ import annotations
 
@@ -13,16 +15,20 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from nnunet_hyspark.methods.mim.backbone import MiMBackbone, layer_scale_keys
 from nnunet_hyspark.methods.mim.levels import CROP_SCALE
-from nnunet_hyspark.methods.mim.model import MiMBackbone
 from nnunet_hyspark.methods.mim.network import ARCH_KEYS, MiMUNet
 from nnunet_hyspark.methods.spec import FinetuneNetwork
-from nnunet_hyspark.weights import DECODER_NOTE, adapt_network_channels, export_network_weights, seeded_network_weights
+from nnunet_hyspark.weights import (DECODER_NOTE, ENCODER_PREFIX, adapt_network_channels, export_network_weights,
+                                    seeded_network_weights)
 
 NETWORK_CLASS_NAME = "nnunet_hyspark.methods.mim.network.MiMUNet"
 #: what plans and weights files of earlier versions name the network
 LEGACY_CLASS_NAMES = ("nnunet_hyspark.models.mim_unet.MiMUNet",)
 STEM_KEY = "encoder.downs.0.conv.weight"  # the first conv: its second axis is the number of input channels
+#: the metadata's description of the parts of a MiMUNet file that are not pre-trained
+FINETUNE_DECODER_NOTE = (f"layer-scale at 1; fifth stage, stage norms and decoder at a {DECODER_NOTE}; MiM's "
+                         f"fusion convs, MAE decoder and alignment heads are not part of the fine-tuning network")
 
 
 def arch_config(encoder: MiMBackbone, finetune_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -41,9 +47,22 @@ def finetune_network(arch: Mapping[str, Any], in_channels: int | None = None, nu
                    **{k: arch[k] for k in ARCH_KEYS if k in arch})
 
 
+def complete_encoder_state(encoder_state: Mapping[str, torch.Tensor],
+                           arch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``encoder_state`` plus the layer-scale tensors of MiMUNet's backbone it lacks, at their initial value 1
+    (pre-training has no layer-scale); returns the state and the added keys."""
+    if not arch.get("layer_scale", True):
+        return dict(encoder_state), []
+    width = int(arch["widths"][3])
+    added = [k for k in layer_scale_keys(int(arch["vit_depth"])) if k not in encoder_state]
+    return {**encoder_state, **{k: torch.ones(width) for k in added}}, added
+
+
 def network_weights(encoder_state: Mapping[str, torch.Tensor], arch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """A full MiMUNet state dict minus heads: ``encoder_state`` plus a seeded initialisation of the rest (CPU)."""
-    return seeded_network_weights(lambda: finetune_network(arch), encoder_state)
+    """A full MiMUNet state dict minus heads: ``encoder_state`` (completed with layer-scale at 1) plus a seeded
+    initialisation of the rest (CPU)."""
+    state, _ = complete_encoder_state(encoder_state, arch)
+    return seeded_network_weights(lambda: finetune_network(arch), state)
 
 
 def export_mim_weights(encoder: MiMBackbone, finetune_kwargs: Mapping[str, Any] | None, meta: dict[str, Any],
@@ -51,8 +70,7 @@ def export_mim_weights(encoder: MiMBackbone, finetune_kwargs: Mapping[str, Any] 
     """Write the weights file ``nnUNetv2_train -pretrained_weights`` loads, and its JSON sidecar."""
     arch = arch_config(encoder, finetune_kwargs)
     return export_network_weights(network_weights(encoder.state_dict(), arch), arch, NETWORK_CLASS_NAME, meta, path,
-                                  decoder=f"fifth stage, stage norms and decoder at a {DECODER_NOTE}; MiM's fusion "
-                                          f"convs and MAE decoder are not part of the fine-tuning network")
+                                  decoder=FINETUNE_DECODER_NOTE)
 
 
 def export(model: nn.Module, meta: dict[str, Any], path: Path) -> Path:
@@ -69,9 +87,15 @@ def adapt_weights_channels(weights: Mapping[str, torch.Tensor], meta: Mapping[st
                            in_channels: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights for ``in_channels`` inputs: the pre-trained first conv repeated over the channels (scaled by
     1/channels), the non-pre-trained parts re-initialised for that many channels."""
+    arch = dict(meta.get("architecture") or {})
+    if arch:  # a file of an earlier version may lack the layer-scale tensors
+        encoder, _ = complete_encoder_state({k[len(ENCODER_PREFIX):]: v for k, v in weights.items()
+                                             if k.startswith(ENCODER_PREFIX)}, arch)
+        weights = {**weights, **{ENCODER_PREFIX + k: v for k, v in encoder.items()}}
     weights, meta = adapt_network_channels(weights, meta, in_channels, STEM_KEY, finetune_network)
     return weights, {**meta, "adapted_input_channels": in_channels}
 
 
 #: the weights protocol of this method's fine-tuning network, as the registry publishes it
-NETWORK = FinetuneNetwork(NETWORK_CLASS_NAME, LEGACY_CLASS_NAMES, STEM_KEY, "first conv", finetune_network, adapt_weights_channels)
+NETWORK = FinetuneNetwork(NETWORK_CLASS_NAME, LEGACY_CLASS_NAMES, STEM_KEY, "first conv", finetune_network,
+                          adapt_weights_channels)

@@ -1,4 +1,4 @@
-"""Pre-training data: random body-biased crops from nnU-Net-preprocessed datasets.
+"""Pre-training data: random crops from nnU-Net-preprocessed datasets, by the method's data recipe.
 
 The pre-training stage reads exactly the data that fine-tuning reads:
 ``$nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>`` of the method's plans
@@ -6,19 +6,23 @@ The pre-training stage reads exactly the data that fine-tuning reads:
 classes (``infer_dataset_class(folder)(folder, identifiers)``). Segmentations are
 never used, so labelled and unlabeled preprocessed datasets both work.
 
-Recipe (HySparK's published pre-training data pipeline, see ``docs/methods.md``):
-random crops of the patch size biased to the body, ``crops_per_volume`` (4) crops
-cut from each loaded volume, random flips with probabilities (0.2, 0.2, 0.1) per
-axis. Optional extras on nnU-Net's batchgeneratorsv2 stack: mild rotation
-(+-15 deg) / scaling (0.85-1.15) through ``SpatialTransform`` and a mild
-brightness / contrast / noise jitter.
+Recipe: each method's published one (``PretrainDataConfig.recipe``, a
+:class:`~nnunet_hyspark.methods.data_recipe.DataRecipe`; ``docs/methods.md``):
+``crops_per_volume`` crops cut from each loaded volume, placed by a sampler
+(``body``: centres in the body, HySparK; ``uniform``: MiM; ``fg_bg``: a fixed
+foreground:background split per volume, Hi-End-MAE), then flips per axis, a
+90-degree turn and an intensity scale / shift with the recipe's probabilities, on
+nnU-Net's batchgeneratorsv2 stack. The default is HySparK's: 4 body-biased crops
+per volume, flips with probabilities (0.2, 0.2, 0.1). Optional extras, off in every
+recipe: mild rotation (+-15 deg) / scaling (0.85-1.15) through ``SpatialTransform``
+and a mild brightness / contrast / noise jitter.
 
 Modules
 -------
 ``config``      :class:`PretrainDataConfig` and its validation.
 ``sources``     reading the plans and preprocessed folders of the datasets, their compatibility, the body
                 threshold in normalised units.
-``sampling``    body-biased crop positions, cropping / padding, the train/val split and the random streams.
+``sampling``    crop positions by the sampler, cropping / padding, the train/val split and the random streams.
 ``transforms``  the augmentation (batchgeneratorsv2 transforms).
 ``loaders``     the training / validation iterators and the entry points below.
 
@@ -36,15 +40,17 @@ Behaviour
 ---------
 *Body bias.* For every loaded volume a few hundred random voxels of channel 0
 are probed; those above the body threshold are candidate crop centres (no
-``argwhere`` over the whole volume). With CT normalisation the threshold is
+``argwhere`` over the whole volume); for ``fg_bg`` the background crops take
+their centres among probed voxels at or below it. With CT normalisation the threshold is
 given in HU (``body_threshold``, default -500) and converted to normalised
 units with the plans' ``foreground_intensity_properties_per_channel['0']``
 exactly as nnU-Net's ``CTNormalization`` does (clip to the 0.5/99.5 percentiles,
 subtract the mean, divide by the std). If the HU threshold lies below the lower
 clip value, "body" means "above the lower clip value". For other normalisation
 schemes the threshold is the ``body_percentile`` percentile of the probed voxels
-of that volume. When no probed voxel is in the body the crop falls back to a
-uniform position. ``body_threshold=None`` gives uniform crops.
+of that volume. When no probed voxel is of the wanted kind the crop falls back to
+a uniform position (counted in ``train_iter.loader.crop_kinds["fallback"]``).
+``body_threshold=None`` gives uniform crops whatever the sampler.
 
 *Padding.* A volume smaller than the crop is padded (centred) with its own
 per-channel minimum, i.e. the normalised air value for CT.
@@ -95,6 +101,7 @@ _EXPORTS = {
     "body_threshold_to_normalized": "sources",
     "PerAxisMirrorTransform": "transforms",
     "build_pretrain_transforms": "transforms",
+    "UniformShiftTransform": "transforms",
     "ROTATION_DEGREES": "transforms",
     "SCALING_RANGE": "transforms",
 }
@@ -113,6 +120,7 @@ if TYPE_CHECKING:
         ROTATION_DEGREES,
         SCALING_RANGE,
         PerAxisMirrorTransform,
+        UniformShiftTransform,
         build_pretrain_transforms,
     )
 

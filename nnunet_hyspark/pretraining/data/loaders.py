@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from time import perf_counter
 from typing import Iterator
 
@@ -39,7 +40,10 @@ from nnunet_hyspark.pretraining.data.transforms import build_pretrain_transforms
 
 
 class _PretrainTrainLoader(DataLoader):
-    """Infinite batchgenerators DataLoader: body-biased crops, ``crops_per_volume`` per loaded volume."""
+    """Infinite batchgenerators DataLoader: ``crops_per_volume`` crops per loaded volume, placed by the sampler.
+
+    ``volumes_loaded`` and ``crop_kinds`` (kind -> crops, see ``sampling.CROP_KINDS``) count what it cut.
+    """
 
     def __init__(self, sampler: CropSampler, cases: list[tuple[int, str]], case_names: list[str],
                  batch_size: int, crops_per_volume: int, crop_size, patch_size, num_channels: int,
@@ -63,7 +67,7 @@ class _PretrainTrainLoader(DataLoader):
         self._aug = RNGStream(aug_ss)
         self._pending: list[tuple[np.ndarray, str]] = []
         self.volumes_loaded = 0
-        self.uniform_fallbacks = 0
+        self.crop_kinds: Counter = Counter()
 
     def set_thread_id(self, thread_id):  # called by batchgenerators in every worker
         super().set_thread_id(thread_id)
@@ -74,13 +78,9 @@ class _PretrainTrainLoader(DataLoader):
         di, ident = self.cases[ci]
         vol = self.sampler.load(di, ident)
         self.volumes_loaded += 1
-        centres = self.sampler.body_centres(vol, self.crops_per_volume, self._rng)
-        if centres is None:
-            self.uniform_fallbacks += self.sampler.body_mode is not None
-            lbs_list = [self.sampler.uniform_lbs(vol.shape[1:], self.crop_size, self._rng)
-                        for _ in range(self.crops_per_volume)]
-        else:
-            lbs_list = [self.sampler.lbs_from_centre(vol.shape[1:], c, self.crop_size) for c in centres]
+        positions = self.sampler.positions(vol, self.crops_per_volume, self.crop_size, self._rng)
+        self.crop_kinds.update(kind for _, kind in positions)
+        lbs_list = [lbs for lbs, _ in positions]
         key = self.case_names[ci]
         pad = pad_values(vol) if needs_padding(vol.shape[1:], lbs_list, self.crop_size) else None
         self._pending.extend((crop_pad(vol, lbs, self.crop_size, pad), key) for lbs in reversed(lbs_list))
@@ -199,7 +199,7 @@ class PretrainValIterator:
         di, ident = self.cases[ci]
         vol = self.sampler.load(di, ident)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, VAL_STREAM, self.case_seeds[ci]]))
-        lbs_list = self.sampler.positions(vol, self.crops_per_case, self.patch_size, rng)
+        lbs_list = [lbs for lbs, _ in self.sampler.positions(vol, self.crops_per_case, self.patch_size, rng)]
         pad = pad_values(vol) if needs_padding(vol.shape[1:], lbs_list, self.patch_size) else None
         self._memo[ci] = (lbs_list, pad)
         for k, lbs in enumerate(lbs_list):  # the volume is in memory now: cut (and cache) all its crops
@@ -251,7 +251,8 @@ def build_pretrain_loaders(cfg: PretrainDataConfig
     ``(B, C, X, Y, Z)`` forever; ``val_iter`` is None when no case is held out. ``info`` keys:
     ``datasets``, ``dataset_ids``, ``preprocessed_folders``, ``train_cases`` / ``val_cases``
     (dataset name -> case ids), ``rank_train_cases`` (what this rank samples from), ``patch_size``,
-    ``crop_size`` (before spatial augmentation), ``batch_size``, ``spacing``, ``normalization_schemes``,
+    ``crop_size`` (before spatial augmentation), ``batch_size``, ``crops_per_volume``, ``data_recipe`` (the
+    :class:`DataRecipe` in use), ``spacing``, ``normalization_schemes``,
     ``num_input_channels``, ``foreground_intensity_properties_per_channel``, ``body_threshold_normalized``
     (None outside CT), ``body_mode``, ``num_val_batches``, ``num_workers``, ``sharding``, ``plans_identifier``,
     ``configuration``, ``data_identifier``.
@@ -273,7 +274,8 @@ def build_pretrain_loaders(cfg: PretrainDataConfig
         raise HySparKError(f"batch_size must be >= 1 (got {batch_size})")
     num_channels = num_input_channels(sources)
     body_mode, body_value, body_norm = body_rule(cfg, ref)
-    sampler = CropSampler([s.dataset for s in sources], body_mode, body_value)
+    recipe = cfg.recipe
+    sampler = CropSampler([s.dataset for s in sources], body_mode, body_value, recipe.sampler, recipe.fg_bg_ratio)
 
     # split over all datasets together, by seed only
     all_cases = [(di, ident) for di, s in enumerate(sources) for ident in s.identifiers]
@@ -296,10 +298,10 @@ def build_pretrain_loaders(cfg: PretrainDataConfig
             out[names[di]].append(ident)
         return out
 
-    transforms, crop_size = build_pretrain_transforms(patch_size, cfg.flip_probs, cfg.rotation, cfg.scaling,
-                                                      cfg.intensity_jitter)
+    transforms, crop_size = build_pretrain_transforms(patch_size, recipe, rotation=cfg.rotation,
+                                                      scaling=cfg.scaling, intensity_jitter=cfg.intensity_jitter)
     loader = _PretrainTrainLoader(sampler, rank_cases, [key(c) for c in rank_cases], batch_size,
-                                  cfg.crops_per_volume, crop_size, patch_size, num_channels, transforms,
+                                  recipe.crops_per_volume, crop_size, patch_size, num_channels, transforms,
                                   cfg.seed, cfg.rank)
     if cfg.num_workers is None:
         from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -326,7 +328,8 @@ def build_pretrain_loaders(cfg: PretrainDataConfig
         "patch_size": patch_size,
         "crop_size": tuple(crop_size),
         "batch_size": batch_size,
-        "crops_per_volume": cfg.crops_per_volume,
+        "crops_per_volume": recipe.crops_per_volume,
+        "data_recipe": recipe,
         "spacing": tuple(float(x) for x in ref.config["spacing"]),
         "normalization_schemes": list(ref.config["normalization_schemes"]),
         "num_input_channels": num_channels,
@@ -375,7 +378,9 @@ def measure_crops_per_second(cfg: PretrainDataConfig, seconds: float = 10.0) -> 
             dt = perf_counter() - t0
             if dt >= seconds:
                 break
-    aug = [n for n, on in (("flips", any(p > 0 for p in cfg.flip_probs)), ("rotation", cfg.rotation),
+    r = cfg.recipe
+    aug = [n for n, on in (("flips", any(p > 0 for p in r.flip_probs)), ("rot90", r.rot90_probability > 0),
+                           ("intensity_scale_shift", r.intensity_probability > 0), ("rotation", cfg.rotation),
                            ("scaling", cfg.scaling), ("intensity_jitter", cfg.intensity_jitter)) if on]
     return {"crops_per_second": crops / dt, "crops": crops, "batches": batches, "seconds": dt,
             "batch_size": info["batch_size"], "patch_size": info["patch_size"],

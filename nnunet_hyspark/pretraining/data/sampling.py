@@ -1,4 +1,5 @@
-"""Where crops come from: the train/val split, body-biased crop positions, cropping / padding, random streams.
+"""Where crops come from: the train/val split, crop positions by the recipe's sampler, cropping / padding,
+random streams.
 
 Every random choice draws from a stream derived with ``np.random.SeedSequence`` from the seed and a fixed
 stream key, so the split, the validation crops and the training crops never share randomness, and one seed
@@ -72,13 +73,26 @@ def crop_pad(vol, lbs: Sequence[int], size: Sequence[int], pad_values: np.ndarra
     return out
 
 
-class CropSampler:
-    """Loads volumes with nnU-Net's dataset classes and picks body-biased crop positions. Picklable."""
+#: kinds of crop positions: centred in the body ("body"), in the foreground / background of a fg:bg split
+#: ("fg" / "bg"), uniformly random by the recipe ("uniform"), or uniformly random because no voxel of the
+#: wanted kind was found ("fallback")
+CROP_KINDS = ("body", "fg", "bg", "uniform", "fallback")
 
-    def __init__(self, datasets: list, body_mode: str | None, body_value: float | None):
+
+class CropSampler:
+    """Loads volumes with nnU-Net's dataset classes and picks crop positions by the recipe's sampler. Picklable.
+
+    ``sampler`` is a :data:`~nnunet_hyspark.methods.data_recipe.SAMPLERS` name; ``fg_bg_ratio`` splits the
+    crops of one volume for ``fg_bg``. Without a body rule (``body_mode`` None) every crop is uniform.
+    """
+
+    def __init__(self, datasets: list, body_mode: str | None, body_value: float | None, sampler: str = "body",
+                 fg_bg_ratio: tuple[int, int] = (1, 1)):
         self.datasets = datasets
         self.body_mode = body_mode  # None (uniform), "fixed" (normalised threshold), "percentile"
         self.body_value = body_value
+        self.sampler = sampler
+        self.fg_bg_ratio = tuple(int(r) for r in fg_bg_ratio)
 
     def open(self, di: int, ident: str):
         return self.datasets[di].load_case(ident)[0]  # data only; seg / properties are never used
@@ -91,30 +105,63 @@ class CropSampler:
                                "pre-training needs a 3D configuration (e.g. 3d_fullres)")
         return vol
 
-    def body_centres(self, vol: np.ndarray, n: int, rng: np.random.Generator) -> list[tuple[int, ...]] | None:
-        """``n`` crop centres among probed body voxels of channel 0, or None (-> uniform crops)."""
-        if self.body_mode is None:
-            return None
-        flat = vol[0].reshape(-1)
-        size = flat.size
+    def _threshold(self, flat: np.ndarray, rng: np.random.Generator) -> float:
         if self.body_mode == "percentile":
-            thr = float(np.percentile(flat[rng.integers(0, size, _PERCENTILE_PROBES)], self.body_value))
-        else:
-            thr = self.body_value
+            return float(np.percentile(flat[rng.integers(0, flat.size, _PERCENTILE_PROBES)], self.body_value))
+        return self.body_value
+
+    @staticmethod
+    def _probe(flat: np.ndarray, n: int, thr: float, body: bool, rng: np.random.Generator) -> np.ndarray | None:
+        """Flat indices of probed voxels in the body (``body``) or outside it; None if no probe found one.
+
+        A few hundred random voxels per round instead of an ``argwhere`` over the whole volume."""
         found, total = [], 0
         for _ in range(_PROBE_ROUNDS):
-            idx = rng.integers(0, size, _PROBES_PER_ROUND)
-            inside = idx[flat[idx] > thr]
+            idx = rng.integers(0, flat.size, _PROBES_PER_ROUND)
+            inside = idx[(flat[idx] > thr) == body]
             if inside.size:
                 found.append(inside)
                 total += inside.size
                 if total >= 4 * n:
                     break
-        if not found:
-            return None
-        pool = np.concatenate(found)
+        return np.concatenate(found) if found else None
+
+    @staticmethod
+    def _pick(pool: np.ndarray, n: int, shape, rng: np.random.Generator) -> list[tuple[int, ...]]:
         chosen = rng.choice(pool, size=n, replace=pool.size < n)
-        return list(zip(*(c.tolist() for c in np.unravel_index(chosen, vol.shape[1:]))))
+        return list(zip(*(c.tolist() for c in np.unravel_index(chosen, shape))))
+
+    def body_centres(self, vol: np.ndarray, n: int, rng: np.random.Generator) -> list[tuple[int, ...]] | None:
+        """``n`` crop centres among probed body voxels of channel 0, or None (-> uniform crops)."""
+        if self.body_mode is None:
+            return None
+        flat = vol[0].reshape(-1)
+        pool = self._probe(flat, n, self._threshold(flat, rng), True, rng)
+        return None if pool is None else self._pick(pool, n, vol.shape[1:], rng)
+
+    def fg_bg_centres(self, vol: np.ndarray, n: int, rng: np.random.Generator
+                      ) -> list[tuple[tuple[int, ...] | None, str]]:
+        """``n`` (centre, kind) pairs split foreground:background by the ratio, in random order; a kind without
+        any probed voxel gets uniform positions (centre None, kind "fallback")."""
+        n_fg = int(round(n * self.fg_bg_ratio[0] / sum(self.fg_bg_ratio)))
+        flat = vol[0].reshape(-1)
+        thr = self._threshold(flat, rng)
+        out: list[tuple[tuple[int, ...] | None, str]] = []
+        for kind, k, body in (("fg", n_fg, True), ("bg", n - n_fg, False)):
+            pool = self._probe(flat, k, thr, body, rng) if k else None
+            out += [(c, kind) for c in self._pick(pool, k, vol.shape[1:], rng)] if pool is not None else \
+                [(None, "fallback")] * k
+        return [out[i] for i in rng.permutation(n)]  # mixed, so one batch is not all foreground
+
+    def centres(self, vol: np.ndarray, n: int, rng: np.random.Generator
+                ) -> list[tuple[tuple[int, ...] | None, str]]:
+        """``n`` (centre, kind) pairs by the sampler (kinds: :data:`CROP_KINDS`); centre None = uniform position."""
+        if self.sampler == "uniform" or self.body_mode is None:
+            return [(None, "uniform")] * n
+        if self.sampler == "fg_bg":
+            return self.fg_bg_centres(vol, n, rng)
+        found = self.body_centres(vol, n, rng)
+        return [(None, "fallback")] * n if found is None else [(c, "body") for c in found]
 
     @staticmethod
     def lbs_from_centre(shape, centre, size) -> list[int]:
@@ -125,12 +172,11 @@ class CropSampler:
     def uniform_lbs(shape, size, rng: np.random.Generator) -> list[int]:
         return [int(rng.integers(0, sh - s + 1)) if sh >= s else -((s - sh) // 2) for sh, s in zip(shape, size)]
 
-    def positions(self, vol: np.ndarray, n: int, size, rng: np.random.Generator) -> list[list[int]]:
+    def positions(self, vol: np.ndarray, n: int, size, rng: np.random.Generator) -> list[tuple[list[int], str]]:
+        """``n`` crops of ``size``: (lower bounds, kind) each; centres are clamped so crops stay inside."""
         shape = vol.shape[1:]
-        centres = self.body_centres(vol, n, rng)
-        if centres is None:
-            return [self.uniform_lbs(shape, size, rng) for _ in range(n)]
-        return [self.lbs_from_centre(shape, c, size) for c in centres]
+        return [(self.uniform_lbs(shape, size, rng) if c is None else self.lbs_from_centre(shape, c, size), kind)
+                for c, kind in self.centres(vol, n, rng)]
 
 
 def pad_values(vol: np.ndarray) -> np.ndarray:
