@@ -14,6 +14,7 @@ import argparse
 import os
 import pickle
 import random
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,9 @@ def load_user_file(path: str | os.PathLike, what: str = "file", trust: bool = Fa
                 "state dict")
         raise HySparKError(f"refused to load {what} {path}: it contains pickled objects other than tensors"
                            + (f" ({blocked})" if blocked else ""), hint) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    # torch's legacy (non-zip) reader fails on arbitrary bytes with whatever its parser hits first
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, TypeError,
+            struct.error) as e:
         if isinstance(e, PermissionError):
             raise HySparKError(f"cannot read {what} {path}: permission denied", "check the file's permissions") from None
         raise HySparKError(f"cannot read {what} {path}: {type(e).__name__}: {_first_line(e)}",

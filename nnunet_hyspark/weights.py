@@ -20,6 +20,7 @@ from torch import nn
 
 from nnunet_hyspark.errors import HySparKError
 from nnunet_hyspark.io import atomic_json_save, atomic_torch_save
+from nnunet_hyspark.safe_load import load_user_file
 
 HEAD_KEY = ".seg_layers."  # nnU-Net never transfers these
 DECODER_INIT_SEED = 0  # the non-pre-trained parts of every exported network start from this seed
@@ -57,19 +58,43 @@ def export_network_weights(network_weights: Mapping[str, torch.Tensor], arch: Ma
 
 
 def load_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a weights file on the CPU; a one-line HySparKError if it is missing or not ours."""
+    """Read a weights file on the CPU without running pickled code (``weights_only=True``); a one-line
+    HySparKError if it is missing, corrupt, carries pickled objects, or is not ours."""
     path = Path(path)
     if not path.is_file():
         raise HySparKError(f"weights file not found: {path}", "check the path printed at the end of hyspark_pretrain")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise HySparKError(f"cannot read weights file {path}: {type(e).__name__}: {e}",
-                           "the file is corrupt or not a torch checkpoint") from e
+    obj = load_user_file(path, "weights file")
     if not isinstance(obj, dict) or "network_weights" not in obj:
         raise HySparKError(f"{path} has no 'network_weights' entry",
                            "convert published/encoder-only files with hyspark_convert_checkpoint")
-    return obj["network_weights"], obj.get("hyspark_meta", {})
+    return obj["network_weights"], own_file_meta(obj, path, complete=False) or {}
+
+
+def own_file_meta(obj: Any, path: str | os.PathLike, complete: bool = True) -> dict[str, Any] | None:
+    """The ``hyspark_meta`` of one of our weights files, None for a file without it (published checkpoints).
+
+    A file that has the key but a value that is no metadata (``None``, a string, a dict without a network
+    class or architecture) is refused: guessing would convert it with the wrong architecture. ``complete=False``
+    only asks for a dict (fine-tuning reads the plans fields it needs and reports what is missing)."""
+    if not isinstance(obj, dict) or "hyspark_meta" not in obj:
+        return None
+    meta = obj["hyspark_meta"]
+    problem = None
+    if not isinstance(meta, dict):
+        problem = f"is {type(meta).__name__}, not a dict"
+    elif not complete:
+        pass
+    elif not isinstance(meta.get("network_class_name"), str):
+        problem = "names no network_class_name"
+    elif not isinstance(meta.get("architecture"), dict):
+        problem = "has no architecture"
+    elif not isinstance(obj.get("network_weights"), dict):
+        problem = "comes without a 'network_weights' state dict"
+    if problem:
+        raise HySparKError(f"{path}: its 'hyspark_meta' {problem} (malformed metadata)",
+                           "export the weights again with hyspark_pretrain, or remove the 'hyspark_meta' entry "
+                           "to convert the file as a published checkpoint")
+    return meta
 
 
 def transfer_report(network_state: Mapping[str, torch.Tensor], file_state: Mapping[str, torch.Tensor]) -> dict:

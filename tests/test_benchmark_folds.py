@@ -15,12 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nnunet_hyspark.benchmark import folds as F
 from nnunet_hyspark.benchmark import splits as S
 from nnunet_hyspark.benchmark import summary as SM
 from nnunet_hyspark.cli.benchmark import main
 from nnunet_hyspark.errors import HySparKError
+from nnunet_hyspark.planning import completeness
 
 DS = "Dataset001_Toy"
 PLANS = "nnUNetHySparKPlans"
@@ -53,8 +55,10 @@ def nn(tmp_path, monkeypatch):
     res.mkdir()
     for k, v in (("nnUNet_raw", raw), ("nnUNet_preprocessed", pre), ("nnUNet_results", res)):
         monkeypatch.setenv(k, str(v))
-    weights = tmp_path / "weights.pth"
-    weights.write_bytes(b"fake")
+    (pre / DS / f"{PLANS}_{CONF}").mkdir()  # preprocessed and complete (hyspark_plan_and_preprocess's marker)
+    completeness.write_marker(pre / DS / f"{PLANS}_{CONF}", len(CASES))
+    weights = tmp_path / "weights.pth"  # checked up front: it must load (weights_only=True)
+    torch.save({"network_weights": {"encoder.w": torch.zeros(1)}}, weights)
     return {"raw": raw, "pre": pre, "res": res, "weights": weights, "tmp": tmp_path}
 
 
@@ -388,7 +392,7 @@ def test_different_configuration_refused_without_force(nn):
     F.run_benchmark(make_spec(nn), runner=FakeTrainer(nn["res"]), out=io.StringIO())
     md_before = (make_spec(nn).output_dir / "summary.md").read_text()
     other_w = nn["tmp"] / "other.pth"
-    other_w.write_bytes(b"")
+    torch.save({"network_weights": {}}, other_w)
     changed = make_spec(nn, f"scratch={SCRATCH}", f"pretrained={FINETUNE}:{other_w}")
     with pytest.raises(HySparKError, match=r"different benchmark \(differs in: arms\)"):
         F.run_benchmark(changed, runner=FakeTrainer(nn["res"]), out=io.StringIO())
@@ -470,7 +474,7 @@ def test_default_splits_are_nnunets_own_and_written_before_parallel_folds(nn, ca
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
     data = nn["pre"] / DS / f"{PLANS}_{CONF}"
-    data.mkdir()
+    data.mkdir(exist_ok=True)
     for c in CASES:  # the files nnU-Net's blosc2 dataset lists (contents are not read for the split)
         (data / f"{c}.b2nd").write_bytes(b"")
         (data / f"{c}_seg.b2nd").write_bytes(b"")

@@ -35,6 +35,7 @@ from nnunet_hyspark.benchmark.spec import (DEFAULT_N_FOLDS, BenchmarkSpec, build
                                            check_compare, check_plans, default_output_dir, resolve_dataset,
                                            resolve_folds)
 from nnunet_hyspark.errors import HySparKError
+from nnunet_hyspark.io import check_writable
 
 __all__ = ["ARM_SPEC_HELP", "DEFAULT_ARM_SPECS", "DEFAULT_FINETUNE_TRAINER", "DEFAULT_N_FOLDS",
            "DEFAULT_SCRATCH_TRAINER", "FINISHED", "MANIFEST_FORMAT", "MANIFEST_NAME", "NEW", "RESUME",
@@ -91,6 +92,9 @@ def run_benchmark(spec: BenchmarkSpec, *, runner: Runner | None = None, gpus: Se
     ``runner`` defaults to starting ``nnUNetv2_train``; tests inject a fake one.
     """
     out = out or sys.stdout
+    if not dry_run:  # before anything is written (splits_final.json included), not at the first log
+        check_writable(spec.output_dir, "benchmark output folder (--output)")
+        check_writable(Path(os.environ["nnUNet_preprocessed"]) / spec.dataset, "preprocessed dataset folder")
     manifest = claim_manifest(spec, force)
     guard_summary(spec, manifest, force)
     env = training_env(base_env)

@@ -21,6 +21,7 @@ from nnunet_hyspark.benchmark.arms import Arm, resolve_arms
 from nnunet_hyspark.benchmark.manifest import Manifest
 from nnunet_hyspark.errors import HySparKError, require_nnunet_env
 from nnunet_hyspark.methods import method_for_trainer
+from nnunet_hyspark.weights import load_weights_file
 
 DEFAULT_N_FOLDS = 5
 
@@ -74,21 +75,21 @@ def check_plans(dataset: str, plans: str, configuration: str) -> Path:
 
 
 def check_weights_plans(dataset: str, plans: str, configuration: str, arms: Sequence[Arm]) -> None:
-    """Weights of fine-tuning arms must fit the plans (the trainer's rule, applied before any fold starts).
-
-    Read from the weights' JSON sidecar (no torch load of the file); files without one are left to the
-    trainer.
-    """
+    """Each arm's weights file, before any fold starts: it loads safely (``weights_only=True``), is of the
+    arm's method, and fits the plans (the trainer's rule). A bad file would otherwise fail inside every fold."""
     pm = None
+    checked: dict[str, dict] = {}
     for arm in arms:
-        sidecar = Path(arm.weights).with_suffix(".json") if arm.weights else None
-        if sidecar is None or method_for_trainer(arm.trainer) is None or not sidecar.is_file():
+        if not arm.weights or method_for_trainer(arm.trainer) is None:
             continue
-        try:
-            meta = json.loads(sidecar.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(meta, dict):
+        if arm.weights not in checked:
+            try:
+                checked[arm.weights] = _weights_meta(arm.weights)
+            except HySparKError as e:
+                raise HySparKError(f"arm '{arm.label}': {e.args[0]}", e.hint) from None
+        meta = checked[arm.weights]
+        _check_method(arm, meta)
+        if not meta:
             continue
         pm = pm or compat.load_plans_manager(dataset, plans)
         plan = compat.Preprocessing.from_plans(pm.plans, compat.configuration_dict(pm, configuration))
@@ -97,6 +98,40 @@ def check_weights_plans(dataset: str, plans: str, configuration: str, arms: Sequ
                                            lambda m: print(f"warning: arm '{arm.label}': {m}", file=sys.stderr))
         except HySparKError as e:
             raise HySparKError(f"arm '{arm.label}' ({arm.weights}): {e.args[0]}", e.hint) from None
+
+
+def _weights_meta(path: str) -> dict:
+    """The metadata of a weights file read safely; its JSON sidecar for files whose own metadata is empty."""
+    _, meta = load_weights_file(path)
+    if meta:
+        return meta
+    sidecar = Path(path).with_suffix(".json")
+    try:
+        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    except (OSError, ValueError):
+        meta = {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _check_method(arm: Arm, meta: dict) -> None:
+    """A HySparK file given to the MiM trainer (say) would fail in every fold with a key mismatch."""
+    from nnunet_hyspark.methods import method_for_network
+
+    wanted = method_for_trainer(arm.trainer)
+    found = method_for_network(str(meta.get("network_class_name", ""))) if meta.get("network_class_name") else None
+    if wanted is not None and found is not None and found.name != wanted.name:
+        raise HySparKError(f"arm '{arm.label}': {arm.weights} holds {found.title} weights, but {arm.trainer} "
+                           f"fine-tunes {wanted.title}", f"use {found.finetune_trainer} for these weights, or "
+                           f"weights pre-trained with --method {wanted.name}")
+
+
+def check_preprocessed(dataset: str, plans: str, configuration: str) -> None:
+    """The configuration folder the folds read must be complete (marker of hyspark_plan_and_preprocess)."""
+    from nnunet_hyspark.planning import completeness
+
+    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset / compat.data_identifier(dataset, plans, configuration)
+    completeness.check_complete(folder, completeness.repair_command(compat.dataset_id(dataset), plans,
+                                                                    configuration))
 
 
 def default_output_dir(results_root: str | os.PathLike, dataset: str, plans: str, configuration: str) -> Path:
@@ -126,6 +161,7 @@ def build_spec(dataset_arg: str, configuration: str, plans: str, arm_specs: Sequ
     env = require_nnunet_env()
     dataset = resolve_dataset(dataset_arg)
     check_plans(dataset, plans, configuration)
+    check_preprocessed(dataset, plans, configuration)
     arms = resolve_arms(arm_specs, pretrained_weights, require_weights=True)
     check_weights_plans(dataset, plans, configuration, arms)
     custom = None

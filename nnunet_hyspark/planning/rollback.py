@@ -1,8 +1,15 @@
-"""All-or-nothing preprocessing: put a dataset's preprocessed folder back as it was if a run fails."""
+"""All-or-nothing preprocessing: put a dataset's preprocessed folder back as it was if a run fails.
+
+A configuration folder being rewritten is first moved to ``<folder>.hyspark-previous`` and deleted only
+after the new run succeeded. If a run is killed, that backup is the last good copy: the next run keeps
+it (and puts it back if it fails too) instead of replacing it with the killed run's half-written folder.
+"""
 from __future__ import annotations
 
 import os
 import shutil
+
+from nnunet_hyspark.planning.completeness import is_marked
 
 BACKUP_SUFFIX = ".hyspark-previous"
 
@@ -24,10 +31,18 @@ class Rollback:
 
     def move_aside(self, path: str) -> None:
         """Move an existing output folder out of the way (restored on failure, deleted on success)."""
-        if os.path.isdir(path) and all(p != path for p, _ in self.moved):
-            backup = path + BACKUP_SUFFIX
-            if os.path.exists(backup):
-                shutil.rmtree(backup)
+        if any(p == path for p, _ in self.moved):
+            return
+        backup = path + BACKUP_SUFFIX
+        if os.path.isdir(backup):  # left by a killed run
+            if os.path.isdir(path) and not is_marked(path):
+                shutil.rmtree(path)  # the killed run's half-written folder; the backup is the good copy
+            elif os.path.isdir(path):
+                shutil.rmtree(backup)  # killed while deleting a replaced copy: ``path`` is complete
+            if os.path.isdir(backup):
+                self.moved.append((path, backup))
+                return
+        if os.path.isdir(path):
             os.replace(path, backup)
             self.moved.append((path, backup))
 
