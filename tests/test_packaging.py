@@ -21,5 +21,6 @@ def test_wheel_contains_every_module_under_the_package_namespace(tmp_path):
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     for cmd in ("hyspark_synthesize", "hyspark_plan_and_preprocess", "hyspark_pretrain",
-                "hyspark_convert_checkpoint", "hyspark_benchmark", "hyspark_env", "hyspark_demo"):
+                "hyspark_convert_checkpoint", "hyspark_benchmark", "hyspark_env", "hyspark_demo",
+                "hyspark_export_weights"):
         assert cmd in text

@@ -11,6 +11,7 @@ import sys
 
 from nnunet_hyspark.errors import cli_entry
 from nnunet_hyspark.methods import METHODS
+from nnunet_hyspark.planning import from_images
 from nnunet_hyspark.planning import run as planning
 
 
@@ -38,10 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
             "(3D configurations; patch sizes multiples of 16; batch size from a GPU memory estimate) and "
             "preprocessing. Labelled datasets only need -d. Unlabeled image collections (imagesTr only, for "
             "pre-training) need --plans-from LABELLED_ID: they are preprocessed with that dataset's plans "
-            "(same spacing and CT normalisation). The 2d configuration, if requested, keeps nnU-Net's plain "
+            "(same spacing and CT normalisation). Any folder of CT becomes such a collection with --images DIR "
+            "--plans-from LABELLED_ID. The 2d configuration, if requested, keeps nnU-Net's plain "
             "2D U-Net."),
     )
-    p.add_argument("-d", nargs="+", required=True, metavar="ID", help="dataset id(s) or name(s) in $nnUNet_raw")
+    p.add_argument("-d", nargs="+", default=None, metavar="ID",
+                   help="dataset id(s) or name(s) in $nnUNet_raw; with --images: the id of the new dataset "
+                        f"(default: the first free id from {from_images.FIRST_FREE_ID})")
+    p.add_argument("--images", nargs="+", default=None, metavar="DIR",
+                   help="folders of CT (NIfTI, NRRD, MHA files and DICOM series, one series per folder; searched "
+                        "recursively) or JSON lists of image paths: written as a new unlabeled raw dataset, then "
+                        "preprocessed with --plans-from's plans. NIfTI files are linked, others converted")
+    p.add_argument("--name", default=None,
+                   help="--images: the new dataset's name, DatasetXXX_NAME (default: the first folder's name)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="--images: leave out unreadable files, non-3D images and duplicate case names (listed "
+                        "in dataset.json) instead of refusing them")
+    p.add_argument("--copy", action="store_true", help="--images: copy NIfTI files instead of linking them")
     p.add_argument("-c", nargs="+", default=["3d_fullres"], metavar="CONFIG",
                    help="configurations to preprocess (default: 3d_fullres). 3d_lowres exists only where "
                         "nnU-Net would create one")
@@ -74,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "normalisation; other channels get nnU-Net's normalisation for their name)")
     p.add_argument("--verify_dataset_integrity", action="store_true",
                    help="run nnU-Net's dataset integrity check first (labelled datasets)")
+    p.add_argument("--replace-non-finite", type=float, default=None, metavar="VALUE",
+                   help="replace NaN/inf voxels of the images by VALUE while preprocessing (e.g. -1000, air in CT); "
+                        "without it an image with NaN/inf is refused, naming the case")
     p.add_argument("--clean", action="store_true",
                    help="re-extract the dataset fingerprint even if one exists (like nnU-Net's --clean)")
     return p
@@ -82,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> planning.PlanOptions:
     """The typed options of a parsed command line."""
     return planning.PlanOptions(
-        datasets=tuple(args.d), configurations=tuple(args.c), num_processes=args.np, network=args.network,
+        datasets=tuple(args.d or ()), configurations=tuple(args.c), num_processes=args.np, network=args.network,
         vit_patch=args.vit_patch, arch=args.arch, patch_size=tuple(args.patch_size) if args.patch_size else None,
         gpu_memory_target=args.gpu_memory_target, plans_name=args.plans_name, plans_from=args.plans_from,
-        allow_non_ct=args.allow_non_ct, verify_dataset_integrity=args.verify_dataset_integrity, clean=args.clean)
+        allow_non_ct=args.allow_non_ct, verify_dataset_integrity=args.verify_dataset_integrity, clean=args.clean,
+        images=tuple(args.images) if args.images else None, name=args.name, skip_unreadable=args.skip_unreadable,
+        copy=args.copy, replace_non_finite=args.replace_non_finite)
 
 
 def _validate_args(args: argparse.Namespace) -> None:
@@ -95,10 +114,16 @@ def _validate_args(args: argparse.Namespace) -> None:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    run = planning.prepare(options_from_args(build_parser().parse_args(argv)))  # 1. check everything first
-    for name in run.names:  # 2. one dataset at a time, each all-or-nothing
-        for line in planning.summary_lines(planning.run_dataset(run, name)):
-            print(line)
+    # 0. --images: the folders become a raw dataset (removed again if a later step fails)
+    with from_images.images_as_dataset(options_from_args(build_parser().parse_args(argv))) as (options, imported):
+        if imported is not None:
+            print(f"{imported.folder}: {imported.num_images} images"
+                  + (f", {len(imported.skipped)} inputs skipped (listed in its dataset.json)" if imported.skipped
+                     else ""))
+        run = planning.prepare(options)  # 1. check everything first
+        for name in run.names:  # 2. one dataset at a time, each all-or-nothing
+            for line in planning.summary_lines(planning.run_dataset(run, name)):
+                print(line)
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,8 @@ from nnunet_hyspark import nnunet_compat as compat
 from nnunet_hyspark.errors import HySparKError
 from nnunet_hyspark.methods import METHODS, get_method, method_for_network
 from nnunet_hyspark.patch_rules import check_patch_multiple
-from nnunet_hyspark.planning import nnunet_steps, raw_checks
+from nnunet_hyspark.io import check_writable, remove_atomic_leftovers
+from nnunet_hyspark.planning import completeness, finite, nnunet_steps, raw_checks
 from nnunet_hyspark.planning.rollback import Rollback
 
 
@@ -45,6 +47,13 @@ class PlanOptions:
     allow_non_ct: bool = False
     verify_dataset_integrity: bool = False
     clean: bool = False  # re-extract the fingerprint
+    #: --images: folders / JSON lists of CT written as a new raw dataset first (:mod:`.from_images`);
+    #: ``datasets`` then holds at most the new id
+    images: tuple[str, ...] | None = None
+    name: str | None = None  # --name of that dataset (default: the first folder's name)
+    skip_unreadable: bool = False
+    copy: bool = False  # copy NIfTI files instead of linking them
+    replace_non_finite: float | None = None  # NaN/inf voxels: None = refuse the dataset, else replace by this
 
 
 def planner_class(network: str) -> type:
@@ -87,6 +96,9 @@ def resolve_options(opts: PlanOptions) -> PlanOptions:
     if not gpu > 0:
         raise HySparKError(f"--gpu-memory-target must be positive, got {gpu:g}",
                            "give the GPU memory in GB, e.g. --gpu-memory-target 24")
+    if opts.replace_non_finite is not None and not math.isfinite(opts.replace_non_finite):
+        raise HySparKError(f"--replace-non-finite must be a finite number, got {opts.replace_non_finite}",
+                           "e.g. --replace-non-finite -1000 (air in CT)")
     if opts.num_processes is not None and opts.num_processes < 1:
         raise HySparKError(f"-np must be at least 1, got {opts.num_processes}", "e.g. -np 4")
     plans_name = opts.plans_name if opts.plans_name is not None else spec.plans_name
@@ -110,6 +122,7 @@ class PreparedRun:
     dataset_jsons: dict[str, dict] = field(default_factory=dict)
     cases: dict[str, dict] = field(default_factory=dict)
     labelled: dict[str, bool] = field(default_factory=dict)
+    non_finite: dict[str, list[str]] = field(default_factory=dict)  # replaced (--replace-non-finite) per dataset
 
 
 def _raw_dataset(ident: str, raw: str) -> str:
@@ -125,6 +138,7 @@ def prepare(opts: PlanOptions) -> PreparedRun:
     opts = resolve_options(opts)
     env = compat.require_nnunet_env(("nnUNet_raw", "nnUNet_preprocessed"))
     raw, pre = env["nnUNet_raw"], env["nnUNet_preprocessed"]
+    check_writable(pre, "nnUNet_preprocessed folder")  # now, not after the fingerprint of every dataset
     if opts.num_processes is None:
         from nnunetv2.configuration import default_num_processes
 
@@ -139,6 +153,10 @@ def prepare(opts: PlanOptions) -> PreparedRun:
         if source in names:
             raise HySparKError(f"--plans-from {source} is also a target (-d)", "plan the source first, on its own")
     run = PreparedRun(opts, raw, pre, names, source)
+    from nnunet_hyspark.planning.image_collection import remove_stale_temporaries
+
+    for leftover in remove_stale_temporaries(raw):  # hidden dataset folders of killed --images imports
+        print(f"removed {leftover} (left by an interrupted import)", file=sys.stderr)
     for name in names:
         dj = run.dataset_jsons[name] = raw_checks.load_dataset_json(name, raw)
         raw_checks.check_channels(name, dj, opts.allow_non_ct)
@@ -151,6 +169,9 @@ def prepare(opts: PlanOptions) -> PreparedRun:
                 f"preprocess it with the plans of a labelled CT dataset: hyspark_plan_and_preprocess -d "
                 f"{compat.dataset_id(name)} --plans-from LABELLED_ID")
         raw_checks.precheck_files(name, cases, labelled, opts.num_processes)
+        run.non_finite[name] = finite.check_finite(name, cases, opts.num_processes, opts.replace_non_finite)
+        for note in run.non_finite[name]:
+            print(f"warning: {note}", file=sys.stderr)
         if opts.verify_dataset_integrity and labelled:
             from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
@@ -210,13 +231,17 @@ def run_dataset(run: PreparedRun, name: str) -> DatasetResult:
     folder = os.path.join(run.preprocessed, name)
     plans_path = os.path.join(folder, opts.plans_name + ".json")
     tx = Rollback(folder)
+    remove_atomic_leftovers(folder)  # .tmp files of a killed run (one run per dataset writes here)
     notes: list[str] = []
     try:
         for f in ("dataset_fingerprint.json", opts.plans_name + ".json", "dataset.json", "splits_final.json"):
             tx.keep_file(os.path.join(folder, f))
         if run.source is None:
             try:
-                nnunet_steps.fingerprint(name, opts.num_processes, opts.clean)
+                if run.non_finite.get(name):  # statistics of the replaced values (an old fingerprint has NaN)
+                    nnunet_steps.fingerprint(name, opts.num_processes, True, replace_value=opts.replace_non_finite)
+                else:
+                    nnunet_steps.fingerprint(name, opts.num_processes, opts.clean)
             except Exception as e:
                 err = raw_checks.explain_failure(name, cases, labelled)
                 if err is None:
@@ -235,17 +260,19 @@ def run_dataset(run: PreparedRun, name: str) -> DatasetResult:
                                f"{plans_path} (available: {pm.available_configurations})",
                                "choose one of those with -c")
         for c in configurations:
-            tx.move_aside(os.path.join(folder, pm.get_configuration(c).data_identifier))
+            data_folder = os.path.join(folder, pm.get_configuration(c).data_identifier)
+            tx.move_aside(data_folder)  # first: it reads the marker to tell a killed run's folder from a good one
+            tx.keep_file(str(completeness.marker_path(data_folder)))
+            completeness.remove_marker(data_folder)  # incomplete until the last step below
+        replace = opts.replace_non_finite if run.non_finite.get(name) else None  # nnU-Net's own path otherwise
         try:
             if labelled:
-                from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-
                 tx.move_aside(os.path.join(folder, "gt_segmentations"))
-                preprocess_dataset(compat.dataset_id(name), opts.plans_name, configurations, [opts.num_processes],
-                                   verbose=False)
+                nnunet_steps.preprocess_labelled(name, opts.plans_name, configurations, opts.num_processes,
+                                                 replace)
             else:
                 nnunet_steps.preprocess_unlabeled(name, plans_path, configurations, cases, opts.num_processes,
-                                                  run.preprocessed)
+                                                  run.preprocessed, replace)
         except HySparKError:
             raise
         except Exception as e:
@@ -256,6 +283,8 @@ def run_dataset(run: PreparedRun, name: str) -> DatasetResult:
             if err is None:
                 raise
             raise err from e
+        for c in configurations:  # last: only a folder whose every case was written carries the marker
+            completeness.write_marker(os.path.join(folder, pm.get_configuration(c).data_identifier), len(cases))
     except BaseException:
         tx.rollback()
         raise

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,11 @@ from nnunet_hyspark.errors import HySparKError
 from nnunet_hyspark.io import atomic_json_save, atomic_torch_save
 from nnunet_hyspark.optim import decay_groups
 from nnunet_hyspark.pretraining.distributed import DistContext
+from nnunet_hyspark.pretraining.monitor import RunMonitor
+from nnunet_hyspark.pretraining.recovery import LATEST, keep_previous, non_finite_hint
 from nnunet_hyspark.pretraining.reporting import TrainingLog, plot_progress, save_preview
+# RNG states as tensors and plain values, so checkpoints load with weights_only=True
+from nnunet_hyspark.safe_load import load_user_file, rng_state, set_rng_state
 from nnunet_hyspark.schedules import cosine_between, warmup_cosine
 
 
@@ -75,26 +78,17 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Pretrainer:
     """Runs one pre-training job into ``output_dir``; ``run()`` returns the exported weights path."""
 
     def __init__(self, model: nn.Module, method, cfg: LoopConfig, train_iter: Iterator[torch.Tensor],
                  val_iter: Iterator[torch.Tensor] | None, output_dir: str | os.PathLike, meta: dict[str, Any],
-                 device: torch.device, dist: DistContext | None = None, progress: bool = True):
+                 device: torch.device, dist: DistContext | None = None, progress: bool = True,
+                 monitor: RunMonitor | None = None, writes: bool = True):
+        """``monitor``: probe, best checkpoint, logger, ETA (:mod:`.monitor`); ``writes=False`` (``--estimate``):
+        no log file, no output folder."""
         self.cfg = cfg
+        self.monitor = monitor or RunMonitor()
         self.method = method
         self.device = device
         self.dist = dist or DistContext()
@@ -115,9 +109,10 @@ class Pretrainer:
         self.step = 0
         self.history: dict[str, list] = {"train_loss": [], "val_loss": [], "lr": [], "epoch_time": []}
         self.epoch_losses: list[float] = []  # of the epoch in progress (kept across an interruption)
-        self.log = TrainingLog(self.output_dir, enabled=self.dist.is_main)
+        self.log = TrainingLog(self.output_dir, enabled=self.dist.is_main and writes)
         self._preview_batch: torch.Tensor | None = None
-        if self.dist.is_main:
+        self.last_checkpoint: tuple[Path, int] | None = None  # (checkpoint_latest.pth, its step), for messages
+        if self.dist.is_main and writes:
             self.output_dir.mkdir(parents=True, exist_ok=True)
 
     # ----------------------------------------------------------------- schedules
@@ -147,8 +142,7 @@ class Pretrainer:
         if not torch.isfinite(loss):
             raise NonFiniteLoss(
                 f"the loss became {loss.item()} at step {self.step} (epoch {self.step // self.cfg.iterations_per_epoch})",
-                f"kept the last good checkpoint {self.output_dir / 'checkpoint_latest.pth'}; lower --lr, "
-                f"use --precision fp32, or check the data, then resume with --c")
+                non_finite_hint(self.last_checkpoint, self.cfg, batch_is_finite=bool(torch.isfinite(batch).all())))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -186,15 +180,21 @@ class Pretrainer:
                 "scaler": self.scaler.state_dict() if self.scaler else None, "step": self.step,
                 "history": self.history, "epoch_losses": self.epoch_losses, "rng": rng_state(), "loop_config": asdict(self.cfg), "meta": self.meta}
 
-    def save_checkpoint(self, name: str = "checkpoint_latest.pth") -> Path | None:
+    def save_checkpoint(self, name: str = LATEST) -> Path | None:
+        path = self.output_dir / name
+        if name == LATEST:  # every rank knows it, for the NaN message
+            self.last_checkpoint = (path, self.step)
         if not self.dist.is_main:
             return None
-        path = self.output_dir / name
+        if name == LATEST:
+            keep_previous(path)  # one corrupt file must never cost the run
         atomic_torch_save(self.checkpoint_state(), path)
         return path
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    def load_checkpoint(self, path: str | os.PathLike | dict[str, Any]) -> None:
+        """Resume from a checkpoint file or from its already loaded state (``{"path": ..., **state}``)."""
+        state = path if isinstance(path, dict) else {"path": path, **load_user_file(path, "checkpoint")}
+        path = Path(state["path"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
@@ -203,11 +203,13 @@ class Pretrainer:
         self.history = state["history"]
         self.epoch_losses = state.get("epoch_losses", [])
         set_rng_state(state["rng"])
+        if path.name == LATEST:
+            self.last_checkpoint = (path, self.step)
         self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.cfg.iterations_per_epoch})")
 
-    def _save_and_stop(self) -> None:
+    def _save_and_stop(self, why: str = "interrupted") -> None:
         path = self.save_checkpoint()
-        self.log(f"interrupted at step {self.step}: saved {path}; continue with --c")
+        self.log(f"{why} at step {self.step}: saved {path}; continue with --c")
         raise KeyboardInterrupt
 
     def _end_of_epoch(self, epoch: int, train_losses: list[float], lr: float, t0: float) -> None:
@@ -219,6 +221,7 @@ class Pretrainer:
         val_txt = f"{val:.4f}" if val is not None else "n/a"
         self.log(f"epoch {epoch}: train loss {self.history['train_loss'][-1]:.4f}, val loss {val_txt}, "
                  f"lr {lr:.3g}, {self.history['epoch_time'][-1]:.1f} s")
+        self.monitor.end_of_epoch(self, epoch)  # probe, best checkpoint, logger: before the files below
         if not self.dist.is_main:
             return
         plot_progress(self.history, self.output_dir / "progress.png")
@@ -237,36 +240,47 @@ class Pretrainer:
             panels = self.method.preview(self.model, batch, gen)
         for name, images in panels.items():
             suffix = f"_{name}" if name else ""
-            save_preview(images, self.output_dir / "previews" / f"epoch_{epoch + 1:04d}{suffix}.png",
-                         title=f"epoch {epoch + 1}{' ' + name if name else ''}")
+            rgb = save_preview(images, self.output_dir / "previews" / f"epoch_{epoch + 1:04d}{suffix}.png",
+                               title=f"epoch {epoch + 1}{' ' + name if name else ''}")
+            self.monitor.preview(name, rgb, epoch)
+
+    def _stop_requested(self, interrupted: "_InterruptFlag") -> bool:
+        requested = _stop_requested_any_rank(self.dist, interrupted.requested, self.device)
+        if requested and not interrupted.requested:
+            interrupted.requested, interrupted.reason = True, "interrupted (signal on another rank)"
+        return requested
 
     # ----------------------------------------------------------------- run
-    def run(self, resume_from: str | os.PathLike | None = None) -> Path | None:
+    def run(self, resume_from: str | os.PathLike | dict[str, Any] | None = None) -> Path | None:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         c = self.cfg
         self.log(f"pre-training {self.meta.get('method')} for {c.epochs} epochs x {c.iterations_per_epoch} iterations, "
                  f"precision {c.precision}, device {self.device}, world size {self.dist.world_size}"
                  + (f", sparse backend {self.meta['sparse_backend']}" if "sparse_backend" in self.meta else ""))
+        self.monitor.start(self)  # the initial encoder's probe
         interrupted = _InterruptFlag()
         with interrupted:
             start_epoch = self.step // c.iterations_per_epoch
             for epoch in range(start_epoch, c.epochs):
                 t0 = time.time()
+                self.monitor.epoch_started(self)
                 lr = self.lr_at(self.step)
                 first = self.step - epoch * c.iterations_per_epoch
                 bar = _progress_bar(range(first, c.iterations_per_epoch), epoch, c.epochs, self.progress)
                 for i in bar:
-                    lr, loss = self.train_step(next(self.train_iter))
+                    batch = next(self.train_iter)
+                    lr, loss = self.train_step(batch)
+                    run_eta = self.monitor.after_step(self, batch.shape[0])  # logs the ETA after the first steps
                     self.epoch_losses.append(loss)
                     if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                    if interrupted.requested and i < c.iterations_per_epoch - 1:
-                        self._save_and_stop()
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", run_eta=run_eta)
+                    if self._stop_requested(interrupted) and i < c.iterations_per_epoch - 1:
+                        self._save_and_stop(interrupted.reason)
                 self._end_of_epoch(epoch, self.epoch_losses, lr, t0)
                 self.epoch_losses = []
-                if interrupted.requested:
-                    self._save_and_stop()
+                if self._stop_requested(interrupted):
+                    self._save_and_stop(interrupted.reason)
         if not self.dist.is_main:
             return None
         self.save_checkpoint("checkpoint_final.pth")
@@ -277,6 +291,18 @@ class Pretrainer:
         return weights
 
 
+def _stop_requested_any_rank(dist: DistContext, requested: bool, device: torch.device) -> bool:
+    """True on every rank when any rank got a stop signal (a scheduler may signal only some of them),
+    so all ranks save and leave at the same step instead of waiting on each other."""
+    if not dist.enabled:
+        return requested
+    import torch.distributed as tdist
+
+    flag = torch.tensor([1.0 if requested else 0.0], device=device)
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
 def _progress_bar(iterable, epoch: int, epochs: int, enabled: bool):
     if not enabled:
         return iterable
@@ -285,26 +311,57 @@ def _progress_bar(iterable, epoch: int, epochs: int, enabled: bool):
     return tqdm(iterable, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
 
 
+#: what schedulers send before killing a job (SLURM: SIGTERM at the time limit or on pre-emption,
+#: SIGUSR1 when asked with --signal) and Ctrl-C: each finishes the step, saves and stops
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
 class _InterruptFlag:
-    """Turns Ctrl-C into a flag checked between steps, so a checkpoint is never written mid-step."""
+    """Turns the stop signals into a flag checked between steps, so a checkpoint is never written mid-step."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.reason = "interrupted"
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame):
-        if self.requested:  # second Ctrl-C: stop at once
+        if self.requested:  # a second signal: stop at once
             raise KeyboardInterrupt
         self.requested = True
+        self.reason = f"interrupted by {signal.Signals(signum).name}"
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not in the main thread
-            self._previous = None
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not in the main thread
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """Outside the loop (data loading, model building, export) a stop signal ends the run like Ctrl-C
+    (KeyboardInterrupt), so ``finally`` blocks run and the run lock is released instead of left stale."""
+    previous = {}
+    for sig in STOP_SIGNALS:
+        if sig == signal.SIGINT:
+            continue  # Python already raises KeyboardInterrupt for it
+        try:
+            previous[sig] = signal.signal(sig, _raise_interrupt)
+        except ValueError:  # not in the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -13,13 +13,25 @@ import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nnunet_hyspark import nnunet_compat as compat
 from nnunet_hyspark.errors import HySparKError
 from nnunet_hyspark.methods import MethodSpec, ModelOptions, get_method, method_for_network
+from nnunet_hyspark.methods.data_recipe import DataRecipe
 from nnunet_hyspark.pretraining.data.config import PretrainDataConfig
-from nnunet_hyspark.pretraining.loop import LoopConfig, recipe_defaults
+from nnunet_hyspark.pretraining.loggers import make_logger, resolve_logger_name
+from nnunet_hyspark.pretraining.monitor import RunMonitor
+from nnunet_hyspark.pretraining.probe import probe_for_run
+from nnunet_hyspark.pretraining.loop import LoopConfig, recipe_defaults, stop_signals_interrupt
+from nnunet_hyspark.pretraining.recovery import read_resume_checkpoint
+from nnunet_hyspark.io import remove_atomic_leftovers
+from nnunet_hyspark.pretraining.run_folder import check_same_run, read_stored_options, start_fresh
+from nnunet_hyspark.pretraining.validation import validate_options
+from nnunet_hyspark.runlock import RunLock
+
+if TYPE_CHECKING:
+    from nnunet_hyspark.pretraining.estimate import CostEstimate
 
 _LOOP = LoopConfig()
 
@@ -29,7 +41,8 @@ class PretrainOptions:
     """Everything ``hyspark_pretrain`` can be told (the field names are its option names).
 
     None means: the method's recipe (lr, warmup_fraction, weight_decay, betas, clip_grad, mask_ratio),
-    the method's plans (plans), the plan's (batch_size, patch_size), nnU-Net's (num_workers).
+    the method's data recipe (the fields of :data:`DATA_RECIPE_OPTIONS`), the method's plans (plans),
+    the plan's (batch_size, patch_size), nnU-Net's (num_workers).
     """
 
     datasets: tuple[str, ...]
@@ -47,6 +60,13 @@ class PretrainOptions:
     weight_decay: tuple[float, float] | None = None  # start, end of the cosine
     betas: tuple[float, float] | None = None
     clip_grad: float | None = None  # 0 disables
+    crops_per_volume: int | None = None  # the data recipe from here to intensity_range (MethodSpec.data_recipe)
+    sampler: str | None = None  # body | uniform | fg_bg
+    fg_bg_ratio: tuple[int, int] | None = None
+    flip_probabilities: tuple[float, float, float] | None = None
+    rot90_probability: float | None = None
+    intensity_probability: float | None = None
+    intensity_range: float | None = None
     device: str = "auto"  # auto | cpu | cuda
     precision: str = _LOOP.precision
     sparse_backend: str = "auto"  # auto | dense | blocks | spconv
@@ -62,11 +82,30 @@ class PretrainOptions:
     output: str | None = None  # None: default_output()
     continue_training: bool = False
     force: bool = False
+    allow_schedule_change: bool = False  # --c may change the schedule (recomputed over the new length)
     no_progress: bool = False
+    logger: str | None = None  # tensorboard | wandb | none; None: W&B if nnUNet_wandb_enabled, else none
+    probe_dataset: str | None = None  # a labelled dataset preprocessed like the pre-training data
+    probe_every: int = 5  # epochs between probes (and epoch 0, and the last)
+    estimate: bool = False  # measure the cost (time, memory) and write nothing
+
+
+#: option name -> DataRecipe field, for the options that override single fields of the method's data recipe
+DATA_RECIPE_OPTIONS = {"crops_per_volume": "crops_per_volume", "sampler": "sampler", "fg_bg_ratio": "fg_bg_ratio",
+                       "flip_probabilities": "flip_probs", "rot90_probability": "rot90_probability",
+                       "intensity_probability": "intensity_probability", "intensity_range": "intensity_range"}
+
+
+def data_recipe(opts: PretrainOptions, spec: MethodSpec) -> DataRecipe:
+    """The method's data recipe with the fields the options set (those not None) replaced."""
+    given = {field: getattr(opts, option) for option, field in DATA_RECIPE_OPTIONS.items()
+             if getattr(opts, option) is not None}
+    return replace(spec.data_recipe, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
 
 
 def with_method_defaults(opts: PretrainOptions, spec: MethodSpec) -> PretrainOptions:
-    """Fill the options left out (None) from the method's recipe over the loop's defaults, and its plans."""
+    """Fill the options left out (None) from the method's recipe over the loop's defaults, its data recipe
+    and its plans."""
     recipe = spec.resolved_recipe(recipe_defaults())
     filled: dict[str, Any] = {k: recipe[k] for k in ("lr", "warmup_fraction", "clip_grad", "mask_ratio")
                               if getattr(opts, k) is None}
@@ -74,6 +113,9 @@ def with_method_defaults(opts: PretrainOptions, spec: MethodSpec) -> PretrainOpt
         filled[k] = tuple(getattr(opts, k) if getattr(opts, k) is not None else recipe[k])
     if opts.plans is None:
         filled["plans"] = spec.plans_name
+    recipe = asdict(data_recipe(opts, spec))
+    filled.update({option: tuple(recipe[field]) if isinstance(recipe[field], (list, tuple)) else recipe[field]
+                   for option, field in DATA_RECIPE_OPTIONS.items()})
     return replace(opts, **filled)
 
 
@@ -82,20 +124,23 @@ def default_output(dataset_name: str, method: str, plans: str, configuration: st
     return Path(os.environ["nnUNet_results"]) / dataset_name / f"{method}_pretrain__{plans}__{configuration}"
 
 
-def check_output_folder(output: Path, continue_training: bool, force: bool) -> Path | None:
-    """Return the checkpoint to resume from; refuse to overwrite an earlier run without --force."""
-    latest = output / "checkpoint_latest.pth"
-    if continue_training:
-        if not latest.is_file():
-            raise HySparKError(f"--c given but {latest} does not exist", "start without --c")
-        return latest
-    if latest.is_file() or (output / "checkpoint_final.pth").is_file():
-        if not force:
-            raise HySparKError(f"{output} already holds a pre-training run",
-                               "continue it with --c, choose another --output, or start over with --force")
-        for name in ("checkpoint_latest.pth", "checkpoint_final.pth", "progress.json", "training_log.txt"):
-            (output / name).unlink(missing_ok=True)
-    return None
+def check_preprocessing_complete(dataset: int, plans: str, configuration: str) -> None:
+    """Refuse preprocessed data whose preprocessing was killed (it would train on part of the cases)."""
+    from nnunet_hyspark.planning import completeness
+
+    folder = compat.preprocessed_dir(dataset) / compat.data_identifier(dataset, plans, configuration)
+    completeness.check_complete(folder, completeness.repair_command(dataset, plans, configuration))
+
+
+def prepare_output_folder(output: Path, opts: PretrainOptions, is_main: bool) -> tuple[dict | None, list[str]]:
+    """The checkpoint state to continue from (``--c``) and lines for the log; starts over with ``--force``.
+    Rank 0 holds the run lock while this runs, so no other run changes the folder meanwhile."""
+    if opts.continue_training:
+        return read_resume_checkpoint(output), []
+    if is_main:
+        remove_atomic_leftovers(output)  # half-written files of a killed run (we hold the lock: no live writer)
+    moved = start_fresh(output, opts.force) if is_main else None
+    return None, [f"--force: moved the previous run in {output} to {moved}"] if moved else []
 
 
 def plan_arch_kwargs(dataset: int | str, plans: str, configuration: str, spec: MethodSpec) -> dict:
@@ -126,19 +171,45 @@ def _resolve_sparse_backend(name: str, device):
         raise HySparKError(f"--sparse-backend {name}: {e}") from None
 
 
-def _init_encoder(model, path: str, info: dict) -> None:
-    """``--init-from``: the encoder's tensors from a weights file whose plans fit this pre-training's."""
+def _init_encoder(model, path: str, info: dict, spec: MethodSpec | None = None) -> None:
+    """``--init-from``: the encoder's tensors from a weights file whose plans fit this pre-training's, or the
+    whole model from a published pre-training checkpoint of the run's method (``spec``)."""
     from nnunet_hyspark.weights import format_report, load_weights_file, transfer_report
 
+    if spec is not None and spec.load_published_pretraining is not None:
+        from nnunet_hyspark.methods import method_for_published
+        from nnunet_hyspark.safe_load import load_user_file
+
+        obj = load_user_file(path, "weights file")  # our own files are read again below: a rare, one-off cost
+        if method_for_published(obj) is spec:
+            _init_from_published(model, obj, path, spec)
+            return
     weights, meta = load_weights_file(path)
     plans = compat.Preprocessing(tuple(info["spacing"]), tuple(info["normalization_schemes"]),
                                  info.get("foreground_intensity_properties_per_channel"))
     compat.check_weights_fit_plans(meta, plans, "this pre-training's plans", lambda m: print(m, file=sys.stderr))
     enc_state = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
     report = transfer_report(model.encoder.state_dict(), enc_state)
+    # tensors only pre-training has (Hi-End-MAE's class token) are not in fine-tuning files: they stay initialised
+    optional = tuple(getattr(model.encoder, "pretraining_only_keys", ()))
+    report["missing"] = [k for k in report["missing"] if k not in optional]
     if report["missing"] or report["shape_mismatch"]:
         raise HySparKError(f"--init-from {path} does not fit this encoder: " + "; ".join(format_report(report)[1:3]))
-    model.encoder.load_state_dict(enc_state)
+    # tensors only fine-tuning has (MiM's layer-scale) are in report["ignored"]: the pre-training encoder has no place
+    model.encoder.load_state_dict({k: v for k, v in enc_state.items() if k not in report["ignored"]},
+                                  strict=not optional)
+
+
+def _init_from_published(model, checkpoint: Any, path: str, spec: MethodSpec) -> None:
+    """The whole pre-training model from a published checkpoint, with its key report. Its authors pre-trained
+    with their own preprocessing, so (as for converted checkpoints) a mismatch with the plans only warns."""
+    print(f"WARNING!!! --init-from {path} is a published {spec.title} checkpoint, pre-trained with its authors' "
+          f"preprocessing, not this run's plans. Continuing.", file=sys.stderr)
+    report = spec.load_published_pretraining(model, checkpoint)
+    print(f"--init-from {path}: published {spec.title} pre-training checkpoint: loaded {len(report['loaded'])} "
+          f"tensors, ignored {len(report['ignored'])}, missing {len(report['missing'])}")
+    for line in report["ignored"]:
+        print(f"  ignored: {line}")
 
 
 def loop_config(opts: PretrainOptions) -> LoopConfig:
@@ -150,6 +221,13 @@ def loop_config(opts: PretrainOptions) -> LoopConfig:
                       seed=opts.seed)
 
 
+def run_config(opts: PretrainOptions, spec: MethodSpec, output: Path) -> dict[str, Any]:
+    """What ``pretrain_config.json`` records: the resolved options, the whole data recipe in use (with a
+    one-line summary) and the output folder."""
+    recipe = data_recipe(opts, spec)
+    return {**asdict(opts), "data_recipe": {**asdict(recipe), "summary": recipe.summary()}, "output": str(output)}
+
+
 def finetune_command(opts: PretrainOptions, weights: Path) -> str:
     """The nnU-Net command that fine-tunes from the exported weights."""
     spec = get_method(opts.method)
@@ -157,8 +235,10 @@ def finetune_command(opts: PretrainOptions, weights: Path) -> str:
             f"-p {opts.plans or spec.plans_name} -pretrained_weights {weights}")
 
 
-def pretrain(opts: PretrainOptions) -> Path | None:
-    """Run one pre-training; returns the exported weights (None on rank > 0 or after an interrupt)."""
+def pretrain(opts: PretrainOptions) -> "Path | CostEstimate | None":
+    """Run one pre-training; returns the exported weights (None on rank > 0 or after an interrupt).
+    With ``opts.estimate``: measures a few steps instead, writes nothing and returns the
+    :class:`~nnunet_hyspark.pretraining.estimate.CostEstimate` (None on rank > 0)."""
     import torch
 
     from nnunet_hyspark.pretraining.data import build_pretrain_loaders
@@ -167,10 +247,13 @@ def pretrain(opts: PretrainOptions) -> Path | None:
     compat.require_nnunet_env()
     spec = get_method(opts.method)
     opts = with_method_defaults(opts, spec)
-    if not 0.0 <= opts.mask_ratio < 1.0:
-        raise HySparKError(f"--mask-ratio {opts.mask_ratio} is outside [0, 1)")
-    if opts.epochs < 1 or opts.iterations < 1:
-        raise HySparKError("--epochs and --iterations must be at least 1")
+    validate_options(opts)  # before any data or model is built
+    if opts.estimate and opts.continue_training:
+        raise HySparKError("--estimate cannot be combined with --c: an estimate measures a new run and writes nothing",
+                           "leave out --c (a continued run costs the same per step)")
+    logger_name = resolve_logger_name(opts.logger)  # a missing package is refused before anything is built
+    recipe = data_recipe(opts, spec)
+    recipe.check()
     device = compat.resolve_device(opts.device)
     backend = _resolve_sparse_backend(opts.sparse_backend, device)
     opts = replace(opts, sparse_backend=backend.name)
@@ -186,57 +269,102 @@ def pretrain(opts: PretrainOptions) -> Path | None:
                            (patch_size or plan_patch_size(dataset_ids[0], opts.plans, opts.configuration)))
     data_cfg = PretrainDataConfig(
         dataset_ids=dataset_ids, configuration=opts.configuration, plans_identifier=opts.plans,
-        patch_size=patch_size, patch_multiple=spec.patch_multiple, batch_size=opts.batch_size,
+        patch_size=patch_size, patch_multiple=spec.patch_multiple, batch_size=opts.batch_size, recipe=recipe,
         val_fraction=opts.val_fraction, num_val_batches=opts.val_iterations, num_workers=opts.num_workers,
         seed=opts.seed, rank=dist.rank, world_size=dist.world_size)
-    train_iter, val_iter, info = build_pretrain_loaders(data_cfg)
-    finished = False
-    try:
-        weights_path = _run(opts, spec, backend, device, dist, train_iter, val_iter, info)
-        finished = True
-        return weights_path
-    finally:
-        _close(train_iter, val_iter)
-        # the model (and DDP's reducer, which holds the process group) went with _run's frame;
-        # collect cycles so the group is torn down here, not by interpreter shutdown
-        gc.collect()
-        dist.close(wait_for_peers=finished)
+    probe = probe_for_run(opts.probe_dataset, opts.plans, opts.configuration, dataset_ids[0], opts.patch_size,
+                          spec, opts.probe_every) if opts.probe_dataset else None  # checked before any write
+    for d in dataset_ids:
+        check_preprocessing_complete(d, opts.plans, opts.configuration)
+    if opts.estimate:
+        from nnunet_hyspark.pretraining.estimate import estimate_run
+        from nnunet_hyspark.pretraining.loop import Pretrainer
+
+        def trainer(train_iter, val_iter, info):  # the run's model and loop; no output folder, no file
+            model = _build_model(opts, spec, backend, info, dist)[0]
+            return Pretrainer(model, spec, loop_config(opts), train_iter, val_iter, os.devnull, {}, device, dist,
+                              progress=False, writes=False)
+
+        return estimate_run(data_cfg, dist, trainer, probe)
+    output = Path(opts.output) if opts.output else default_output(compat.dataset_name(dataset_ids[0]), opts.method,
+                                                                  opts.plans, opts.configuration)
+    # rank 0 holds the folder for the whole run (also under torchrun); taking the lock also proves the
+    # folder writable before any data is loaded; a stop signal before the loop releases it (KeyboardInterrupt)
+    with stop_signals_interrupt(), RunLock(output, enabled=dist.is_main):
+        resume, notes = prepare_output_folder(output, opts, dist.is_main)
+        train_iter, val_iter, info = build_pretrain_loaders(data_cfg)
+        finished = False
+        try:
+            weights_path = _run(opts, spec, backend, device, dist, train_iter, val_iter, info, output, resume, notes,
+                                logger_name, probe)
+            finished = True
+            return weights_path
+        finally:
+            _close(train_iter, val_iter)
+            # the model (and DDP's reducer, which holds the process group) went with _run's frame;
+            # collect cycles so the group is torn down here, not by interpreter shutdown
+            gc.collect()
+            dist.close(wait_for_peers=finished)
 
 
 def _run(opts: PretrainOptions, spec: MethodSpec, backend, device, dist, train_iter, val_iter,
-         info: dict) -> Path | None:
+         info: dict, output: Path, resume: dict | None, notes: list[str], logger_name: str = "none",
+         probe=None) -> Path | None:
     """Build the model and run the loop; returns the exported weights (None on rank > 0 or interrupt)."""
     import torch
 
     from nnunet_hyspark.io import atomic_json_save
     from nnunet_hyspark.pretraining.loop import Pretrainer
 
-    output = Path(opts.output) if opts.output else default_output(info["datasets"][0], opts.method, opts.plans,
-                                                                  opts.configuration)
-    resume = check_output_folder(output, opts.continue_training, opts.force)
-    torch.manual_seed(opts.seed + dist.rank)  # different masks on every rank
-    model_options = ModelOptions(mask_ratio=opts.mask_ratio, decoder_width=opts.decoder_width,
-                                 fuse_full_resolution=opts.fuse_full_resolution, sparse_backend=backend,
-                                 level_patch=tuple(opts.patch_size) if opts.patch_size else None)
-    arch = plan_arch_kwargs(info["datasets"][0], opts.plans, opts.configuration, spec)
-    model = spec.build_model(arch, info["num_input_channels"], model_options)
-    if opts.init_from:
-        _init_encoder(model, opts.init_from, info)
-    uses_backend = getattr(model, "sparse_backend", None) is not None  # a masked CNN (HySparK); others ignore it
-    if opts.compile:
-        model = torch.compile(model)
     meta = {"method": opts.method, "datasets": info["datasets"], "plans_name": opts.plans,
             "configuration": opts.configuration, "patch_size": list(info["patch_size"]),
             "spacing": list(info["spacing"]), "normalization_schemes": info["normalization_schemes"],
             "foreground_intensity_properties_per_channel": info.get("foreground_intensity_properties_per_channel"),
-            "mask_ratio": opts.mask_ratio, "batch_size": info["batch_size"], "world_size": dist.world_size}
+            "mask_ratio": opts.mask_ratio, "batch_size": info["batch_size"], "world_size": dist.world_size,
+            "citation": spec.citation}
+    if resume is not None:  # --c: only the same run (the schedule too, unless --allow-schedule-change)
+        notes = notes + check_same_run(resume, read_stored_options(output), meta, asdict(loop_config(opts)),
+                                       run_config(opts, spec, output), opts.allow_schedule_change)
+    model, uses_backend, build = _build_model(opts, spec, backend, info, dist)
     if uses_backend:
         meta["sparse_backend"] = opts.sparse_backend
-    trainer = Pretrainer(model, spec, loop_config(opts), train_iter, val_iter, output, meta, device, dist,
-                         progress=not opts.no_progress)
+    logger = make_logger(logger_name, output, run_config(opts, spec, output), run_name=output.name,
+                         enabled=dist.is_main)
+    # what hyspark_export_weights needs to rebuild the model from any checkpoint (loop_config is saved in each)
+    cfg = replace(loop_config(opts), extra={"model_build": build})
+    trainer = Pretrainer(model, spec, cfg, train_iter, val_iter, output, meta, device, dist,
+                         progress=not opts.no_progress, monitor=RunMonitor(logger, probe))
+    for line in [*notes, f"data recipe: {info['data_recipe'].summary()}"]:
+        trainer.log(line)
     if dist.is_main:
-        atomic_json_save({**asdict(opts), "output": str(output)}, output / "pretrain_config.json")
-    return trainer.run(resume_from=resume)
+        atomic_json_save(run_config(opts, spec, output), output / "pretrain_config.json")
+    try:
+        return trainer.run(resume_from=resume)
+    finally:
+        trainer.monitor.close()
+
+
+def _build_model(opts: PretrainOptions, spec: MethodSpec, backend, info: dict, dist):
+    """The pre-training model of the plans (``--init-from`` loaded, compiled if asked); returns (model, whether
+    it uses the sparse backend, the arguments that rebuild it: ``model_build`` of the checkpoints)."""
+    import torch
+
+    torch.manual_seed(opts.seed + dist.rank)  # different masks on every rank
+    level_patch = tuple(opts.patch_size) if opts.patch_size else None
+    model_options = ModelOptions(mask_ratio=opts.mask_ratio, decoder_width=opts.decoder_width,
+                                 fuse_full_resolution=opts.fuse_full_resolution, sparse_backend=backend,
+                                 level_patch=level_patch)
+    arch = plan_arch_kwargs(info["datasets"][0], opts.plans, opts.configuration, spec)
+    model = spec.build_model(arch, info["num_input_channels"], model_options)
+    if opts.init_from:
+        _init_encoder(model, opts.init_from, info, spec)
+    uses_backend = getattr(model, "sparse_backend", None) is not None  # a masked CNN (HySparK); others ignore it
+    if opts.compile:
+        model = torch.compile(model)
+    build = {"arch": arch, "in_channels": info["num_input_channels"], "mask_ratio": opts.mask_ratio,
+             "decoder_width": opts.decoder_width, "fuse_full_resolution": opts.fuse_full_resolution,
+             "level_patch": list(level_patch) if level_patch else None}
+    return model, uses_backend, build
 
 
 def _close(*iterators) -> None:
