@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_hyspark.layers.depthwise import depthwise_conv3d
+
 
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channel axis of a (B, C, X, Y, Z) map, independently per voxel."""
@@ -25,6 +27,17 @@ class ChannelLayerNorm(nn.Module):
         return x.movedim(-1, 1)
 
 
+def pointwise_mlp(h: torch.Tensor, norm: ChannelLayerNorm, expand: nn.Conv3d, act: nn.Module,
+                  project: nn.Conv3d) -> torch.Tensor:
+    """``project(act(expand(norm(h))))`` for 1x1x1 convs, computed channels-last: the LayerNorm over channels
+    and the two 1x1 convs become a contiguous LayerNorm and two matrix products (one layout change in, one
+    out) instead of permutes around every op. Returns a (B, C, X, Y, Z) view of a channels-last result."""
+    h = h.movedim(1, -1)
+    h = F.layer_norm(h, h.shape[-1:], norm.weight, norm.bias, norm.eps)
+    h = act(F.linear(h, expand.weight.flatten(1), expand.bias))
+    return F.linear(h, project.weight.flatten(1), project.bias).movedim(-1, 1)
+
+
 class MedNeXtBlock(nn.Module):
     """Depthwise k3 conv -> channel LayerNorm -> 1x1 expand (r) -> GELU -> 1x1 project, plus residual."""
 
@@ -37,7 +50,7 @@ class MedNeXtBlock(nn.Module):
         self.conv3 = nn.Conv3d(expansion * channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv3(self.act(self.conv2(self.norm(self.conv1(x)))))
+        return x + pointwise_mlp(depthwise_conv3d(x, self.conv1), self.norm, self.conv2, self.act, self.conv3)
 
 
 def _pad_low_end(x: torch.Tensor) -> torch.Tensor:
@@ -58,8 +71,8 @@ class MedNeXtUpBlock(nn.Module):
         self.res_conv = nn.ConvTranspose3d(in_channels, out_channels, 1, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv3(self.act(self.conv2(self.norm(_pad_low_end(self.conv1(x))))))
-        return y + _pad_low_end(self.res_conv(x))
+        y = pointwise_mlp(_pad_low_end(self.conv1(x)), self.norm, self.conv2, self.act, self.conv3)
+        return _pad_low_end(self.res_conv(x)) + y
 
 
 class ResBlock(nn.Module):

@@ -68,7 +68,7 @@ class PretrainOptions:
     intensity_probability: float | None = None
     intensity_range: float | None = None
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = _LOOP.precision
+    precision: str = _LOOP.precision  # or "auto": resolve_precision
     sparse_backend: str = "auto"  # auto | dense | blocks | spconv
     compile: bool = False
     decoder_width: int | None = None
@@ -255,6 +255,7 @@ def pretrain(opts: PretrainOptions) -> "Path | CostEstimate | None":
     recipe = data_recipe(opts, spec)
     recipe.check()
     device = compat.resolve_device(opts.device)
+    opts, precision_notes = resolve_precision(opts, device.type)
     backend = _resolve_sparse_backend(opts.sparse_backend, device)
     opts = replace(opts, sparse_backend=backend.name)
     dist = DistContext.from_environment(device.type)
@@ -292,6 +293,7 @@ def pretrain(opts: PretrainOptions) -> "Path | CostEstimate | None":
     # folder writable before any data is loaded; a stop signal before the loop releases it (KeyboardInterrupt)
     with stop_signals_interrupt(), RunLock(output, enabled=dist.is_main):
         resume, notes = prepare_output_folder(output, opts, dist.is_main)
+        notes = notes + precision_notes
         train_iter, val_iter, info = build_pretrain_loaders(data_cfg)
         finished = False
         try:
@@ -342,6 +344,20 @@ def _run(opts: PretrainOptions, spec: MethodSpec, backend, device, dist, train_i
         return trainer.run(resume_from=resume)
     finally:
         trainer.monitor.close()
+
+
+def resolve_precision(opts: PretrainOptions, device_type: str, cpu=None) -> tuple[PretrainOptions, list[str]]:
+    """``--precision auto``: bf16 on CUDA and on CPUs with AMX, fp32 elsewhere (:mod:`nnunet_hyspark.hardware`;
+    ``cpu``: a ``CpuInfo``, default this machine's); returns the options with the precision chosen and the
+    line that says why (printed now, logged by the run)."""
+    if opts.precision != "auto":
+        return opts, []
+    from nnunet_hyspark.hardware import auto_precision
+
+    precision, why = auto_precision(device_type, cpu)
+    line = f"--precision auto: {precision} ({why})"
+    print(line)
+    return replace(opts, precision=precision), [line]
 
 
 def _build_model(opts: PretrainOptions, spec: MethodSpec, backend, info: dict, dist):

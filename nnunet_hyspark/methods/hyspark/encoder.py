@@ -57,8 +57,12 @@ class CNNEmbeddings(nn.Module):
     def expends(self) -> list[nn.Conv3d]:
         return [getattr(self, f"expend{i + 1}") for i in range(4)]
 
-    def forward(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None,
+                channels_last: bool = False) -> list[torch.Tensor]:
         """Returns [x1, x2, x3, x4, h5]; with ``masks`` (one per scale) the dense-masked reference semantics.
+        ``channels_last`` puts the stem's output in channels_last_3d memory (same numbers): the full-resolution
+        MedNeXt layer then runs without layout copies (oneDNN's depthwise conv keeps the format; the dense
+        k3 convs after it return channels-first maps, so later layers run as before).
 
         Masking after every block (not after every op inside it) gives the same
         numbers: inside a block only conv1 is spatial, and it reads a masked input.
@@ -66,6 +70,8 @@ class CNNEmbeddings(nn.Module):
         """
         m = masks if masks is not None else [None] * 5
         h = _masked(self.stem(_masked(x, m[0])), m[0])
+        if channels_last:  # after the stem: a one-channel input is both layouts, so the stem decides nothing
+            h = h.contiguous(memory_format=torch.channels_last_3d)
         feats = []
         for s, layer in enumerate(self.layers()):
             if s > 0:
@@ -119,13 +125,14 @@ class HybridEncoder(nn.Module):
         return self._pos_cache[key]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                backend: SparseBackend | None = None) -> list[torch.Tensor]:
+                backend: SparseBackend | None = None, channels_last: bool = False) -> list[torch.Tensor]:
         """Dense when ``mask`` is None; otherwise ``mask`` (B, gx, gy, gz), True = kept cell, and the CNN
-        runs on ``backend`` (a resolved :mod:`nnunet_hyspark.sparse` backend object; None = dense)."""
+        runs on ``backend`` (a resolved :mod:`nnunet_hyspark.sparse` backend object; None = dense).
+        ``channels_last`` (dense only): see :meth:`CNNEmbeddings.forward`; same numbers."""
         check_divisible(x.shape[2:], what="input")
         grid = tuple(n // ENCODER_STRIDE for n in x.shape[2:])
         if mask is None:
-            feats = self.embeddings(x)
+            feats = self.embeddings(x, channels_last=channels_last)
         else:
             if tuple(mask.shape) != (x.shape[0], *grid):
                 raise ValueError(f"mask shape {tuple(mask.shape)} does not match batch and grid {(x.shape[0], *grid)}")

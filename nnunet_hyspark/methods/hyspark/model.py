@@ -8,12 +8,21 @@ Read top to bottom, this file is the whole method (``docs/methods.md``):
    then a projection to the decoder width;
 4. a light U-shaped decoder (BatchNorm, synchronised under DDP) back to full resolution;
 5. MSE against per-patch normalised 16^3 targets, averaged over MASKED patches only.
+
+``reference=True`` runs the plain formulation of the published code (float masks multiplied in, the
+decoder in channels-first memory, nn.ConvTranspose3d); the default path computes the same function
+faster (channels-last 3D memory, bool masks, the 2x up-convolution as one matrix product) and is
+tested against it (float64: equal to ~1e-14). Measured per layer, forward + backward, 1 thread on a
+2-core AMD EPYC (AVX2): the decoder's k3 convs ~1.3x faster channels-last; the up-convolution 1.3x
+(384 ch at 6^3) to 2.8x (96 ch at 24^3) faster as a matrix product than oneDNN's transposed conv.
+The bool select, torch.cat of skips and the loss are each ~30 ms against seconds of convolutions.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nnunet_hyspark.mae import masked_patch_mse, patchify, preview_images
@@ -38,10 +47,25 @@ class UpStep(nn.Module):
         self.up = nn.Sequential(nn.ConvTranspose3d(c, c, 2, stride=2), *conv_bn_relu(c, c // 2),
                                 *conv_bn_relu(c // 2, c // 2))
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None, reference: bool = True) -> torch.Tensor:
         if self.fuse is not None:
             x = self.fuse(torch.cat([x, skip], dim=1))
-        return self.up(x)
+        if reference:
+            return self.up(x)
+        return self.up[1:](up_conv_2x(self.up[0], x))
+
+
+def up_conv_2x(conv: nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a kernel-2, stride-2 transposed conv, as one matrix product per input voxel (each
+    writes its own 2^3 output block) and one reordering copy; the output is channels-last 3D.
+    Why: oneDNN's transposed-conv backward is slow on CPUs, a plain GEMM is not."""
+    b, c, d, h, w = x.shape
+    out = conv.out_channels
+    weight = conv.weight.permute(0, 2, 3, 4, 1).reshape(c, 8 * out)  # (C_in, [a, b, c, C_out])
+    bias = conv.bias.repeat(8) if conv.bias is not None else None
+    y = F.linear(x.permute(0, 2, 3, 4, 1), weight.t(), bias)  # (B, D, H, W, 8 * C_out)
+    y = y.view(b, d, h, w, 2, 2, 2, out).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, 2 * d, 2 * h, 2 * w, out)
+    return y.permute(0, 4, 1, 2, 3)
 
 
 class LightDecoder(nn.Module):
@@ -55,14 +79,21 @@ class LightDecoder(nn.Module):
             if fuse_full_resolution else None
         self.proj = nn.Conv3d(c_full, out_channels, 1)
 
-    def forward(self, projected: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, projected: list[torch.Tensor], reference: bool = True) -> torch.Tensor:
         """``projected`` = densified skips, smallest first: [x5, x4, x3, x2(, x1)] at decoder widths."""
         x = projected[0]
         for i, step in enumerate(self.steps):
-            x = step(x, projected[i] if i > 0 else None)
+            x = step(x, projected[i] if i > 0 else None, reference)
         if self.full_res_fuse is not None:
             x = self.full_res_fuse(torch.cat([x, projected[4]], dim=1))
         return self.proj(x)
+
+
+def upsample_mask_bool(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, gx, gy, gz) -> bool (B, 1, gx*f, gy*f, gz*f): one broadcast copy (no float passes)."""
+    b, gx, gy, gz = mask.shape
+    m = mask.bool()[:, None, :, None, :, None, :, None].expand(b, 1, gx, factor, gy, factor, gz, factor)
+    return m.reshape(b, 1, gx * factor, gy * factor, gz * factor)
 
 
 def masked_patch_loss(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,10 +106,12 @@ class HySparK(nn.Module):
     """The pre-training model around a :class:`HybridEncoder` (shared, by reference, with fine-tuning)."""
 
     def __init__(self, encoder: HybridEncoder, mask_ratio: float = 0.75, decoder_width: int | None = None,
-                 fuse_full_resolution: bool = False, sparse_backend: SparseBackend | str | None = None):
+                 fuse_full_resolution: bool = False, sparse_backend: SparseBackend | str | None = None,
+                 reference: bool = False):
         super().__init__()
         self.encoder = encoder
         self.mask_ratio = mask_ratio
+        self.reference = reference  # the published formulation (module docstring), e.g. as a speed baseline
         # resolved once here (a name is looked up now, never per forward); None = the dense reference
         self.sparse_backend = get_backend(sparse_backend) if isinstance(sparse_backend, str) else sparse_backend
         w = encoder.widths
@@ -123,13 +156,23 @@ class HySparK(nn.Module):
 
     def densify(self, feats: list[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
         """Fill masked positions with the per-scale mask tokens and project; smallest scale first."""
-        masks = masks_per_scale(mask)  # resolutions 1 ... 1/16, aligned with [x1 ... x5]
         used = 5 if self.fuse_full_resolution else 4
+        if self.reference:
+            masks = masks_per_scale(mask)  # resolutions 1 ... 1/16, aligned with [x1 ... x5]
+            out = []
+            for i, (feat, m) in enumerate(list(zip(reversed(feats), reversed(masks)))[:used]):
+                m = m.to(feat.dtype)
+                filled = feat * m + self.mask_tokens[i].to(feat.dtype) * (1 - m)
+                out.append(self.densify_proj[i](filled))
+            return out
         out = []
-        for i, (feat, m) in enumerate(list(zip(reversed(feats), reversed(masks)))[:used]):
-            m = m.to(feat.dtype)
-            filled = feat * m + self.mask_tokens[i].to(feat.dtype) * (1 - m)
-            out.append(self.densify_proj[i](filled))
+        for i, feat in enumerate(list(reversed(feats))[:used]):
+            # a bool select instead of two float multiplies: the same values (x * 1 + t * 0 == x),
+            # and channels-last memory, which oneDNN's 3D convolutions run faster on this decoder
+            keep = upsample_mask_bool(mask, feat.shape[2] // mask.shape[1])
+            feat = feat.contiguous(memory_format=torch.channels_last_3d)
+            filled = torch.where(keep, feat, self.mask_tokens[i].to(feat.dtype))
+            out.append(self.densify_proj[i](filled.contiguous(memory_format=torch.channels_last_3d)))
         return out
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -137,7 +180,7 @@ class HySparK(nn.Module):
         if mask is None:
             mask = self.random_mask(x)
         feats = self.encoder(x, mask, backend=self.sparse_backend)
-        pred = self.decoder(self.densify(feats, mask))
+        pred = self.decoder(self.densify(feats, mask), self.reference)
         return {"loss": masked_patch_loss(pred.float(), x.float(), mask), "pred": pred, "mask": mask}
 
     @torch.no_grad()

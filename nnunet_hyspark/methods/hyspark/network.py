@@ -72,4 +72,6 @@ class HySparKUNet(nn.Module):
         self.decoder = HySparKDecoder(widths, num_classes, deep_supervision)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        return self.decoder(self.encoder(x))
+        # channels_last_3d stem output on the CPU (same numbers): measured with the other block changes,
+        # 64^3 batch 2, 2 threads, Xeon, one training step 15.7 s (13.2 in a second sample) -> 12.4 s
+        return self.decoder(self.encoder(x, channels_last=x.device.type == "cpu"))
