@@ -282,7 +282,7 @@ def test_parse_arm_specs(tmp_path):
             F.parse_arm(bad)
     with pytest.raises(HySparKError, match="needs pre-trained weights"):
         F.resolve_arms(None, None)
-    with pytest.raises(HySparKError, match="share the trainer"):
+    with pytest.raises(HySparKError, match="both train nnUNetTrainer"):
         F.resolve_arms(["a=nnUNetTrainer", "b=nnUNetTrainer"], None)
     with pytest.raises(HySparKError, match="no arm uses it"):
         F.resolve_arms([f"a={SCRATCH}"], str(tmp_path))
@@ -294,8 +294,8 @@ def test_parse_arm_specs(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["-d", "7"], "dataset '7' not found"),
-    (["-d", "1", "-p", "NoSuchPlans"], "plans file not found"),
-    (["-d", "1", "-c", "3d_lowres"], "configuration '3d_lowres' not in"),
+    (["-d", "1", "-p", "NoSuchPlans", "--arms", SCRATCH], "plans file not found"),
+    (["-d", "1", "-c", "3d_lowres", "--arms", SCRATCH], "configuration '3d_lowres' not in"),
     (["-d", "1", "--pretrained_weights", "/no/such/file.pth"], "weights file of arm 'pretrained' not found"),
     (["-d", "1", "-f", "5", "--arms", SCRATCH], "fold(s) [5] do not exist"),
 ])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import shlex
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from typing import Callable, Sequence, TextIO
 
 from nnunet_hyspark import nnunet_compat as compat
 from nnunet_hyspark.benchmark.arms import Arm
+from nnunet_hyspark.benchmark.fractions import DEFAULT_FRACTIONS, FoldEntry, format_fraction
 from nnunet_hyspark.benchmark.manifest import Manifest, now
 from nnunet_hyspark.benchmark.spec import BenchmarkSpec
 from nnunet_hyspark.errors import HySparKError
@@ -56,7 +56,8 @@ def train_command(spec: BenchmarkSpec, arm: Arm, fold: int, resume: bool) -> lis
     nnU-Net refuses ``--c`` together with ``-pretrained_weights``; on resume the weights
     are already inside the checkpoint, so they are dropped.
     """
-    cmd = [TRAIN_EXECUTABLE, spec.dataset_arg, spec.configuration, str(fold), "-tr", arm.trainer, "-p", spec.plans]
+    cmd = [TRAIN_EXECUTABLE, spec.dataset_arg, spec.configuration, str(fold), "-tr", arm.trainer,
+           "-p", spec.arm_plans(arm)]
     if spec.device:
         cmd += ["-device", spec.device]
     if resume:
@@ -68,23 +69,41 @@ def train_command(spec: BenchmarkSpec, arm: Arm, fold: int, resume: bool) -> lis
 
 @dataclass
 class FoldJob:
-    """One arm x fold with its state on disk, the command that continues it and its log file."""
+    """One arm x fold (x training fraction) with its state on disk, the command that continues it and its log."""
 
     arm: Arm
-    fold: int
+    fold: int  # nnU-Net's fold (-f): the cross-validation fold, or the entry of its training subset
     state: str
     command: list[str]
     log: Path
+    cv_fold: int | None = None  # set when the benchmark has --train-fractions
+    fraction: float | None = None
+
+    @property
+    def title(self) -> str:
+        """How progress lines name the job: 'scratch fold 1', or 'scratch fold 1 fraction 0.5 (nnU-Net fold 6)'."""
+        if self.fraction is None:
+            return f"{self.arm.label} fold {self.fold}"
+        entry = f" (nnU-Net fold {self.fold})" if self.fold != self.cv_fold else ""
+        return f"{self.arm.label} fold {self.cv_fold} fraction {format_fraction(self.fraction)}{entry}"
 
 
 def plan_jobs(spec: BenchmarkSpec) -> list[FoldJob]:
-    """All arm x fold jobs, fold-major so paired results for a fold become available together."""
+    """All arm x fold x fraction jobs, fold-major so paired results for a fold become available together.
+
+    The fold x fraction -> nnU-Net fold entries are ``spec.fold_entries`` (set once the training
+    subsets are installed, :func:`.fractions.install`); without them, the folds themselves.
+    """
+    with_fractions = spec.fractions != DEFAULT_FRACTIONS
+    entries = spec.fold_entries or [FoldEntry(f, 1.0, f) for f in spec.folds]
     jobs = []
-    for fold in spec.folds:
+    for e in entries:
         for arm in spec.arms:
-            state = training_state(spec.fold_dir(arm, fold))
-            jobs.append(FoldJob(arm, fold, state, train_command(spec, arm, fold, state == RESUME),
-                                spec.output_dir / "logs" / f"{arm.label}_fold{fold}.log"))
+            state = training_state(spec.fold_dir(arm, e.nnunet_fold))
+            name = f"{arm.label}_fold{e.cv_fold}" + (f"_frac{format_fraction(e.fraction)}" if with_fractions else "")
+            jobs.append(FoldJob(arm, e.nnunet_fold, state, train_command(spec, arm, e.nnunet_fold, state == RESUME),
+                                spec.output_dir / "logs" / f"{name}.log", e.cv_fold if with_fractions else None,
+                                e.fraction if with_fractions else None))
     return jobs
 
 
@@ -130,17 +149,9 @@ def subprocess_runner(executable: str) -> Runner:
     return run
 
 
-def find_trainer_definition(trainer: str, env: dict[str, str]) -> bool:
-    """Cheap text search for ``class TRAINER`` where nnU-Net looks for trainers (no imports)."""
-    pattern = re.compile(rf"^\s*(class\s+{re.escape(trainer)}\b|{re.escape(trainer)}\s*=)", re.MULTILINE)
-    for root in compat.trainer_search_roots(env):
-        for py in root.rglob("*.py") if root.is_dir() else []:
-            try:
-                if pattern.search(py.read_text(errors="ignore")):
-                    return True
-            except OSError:
-                continue
-    return False
+def fraction_fields(job: FoldJob) -> dict:
+    """The manifest's record of which fold x fraction an nnU-Net fold is (nothing without fractions)."""
+    return {} if job.fraction is None else {"cv_fold": job.cv_fold, "fraction": job.fraction}
 
 
 @dataclass
@@ -182,15 +193,15 @@ def execute_jobs(spec: BenchmarkSpec, jobs: list[FoldJob], runner: Runner, manif
                 k = counter["n"]
             where = f" on GPU {gpu}" if gpu is not None else ""
             verb = "resuming" if job.state == RESUME else "starting"
-            say(f"[{k}/{total}] {verb} {job.arm.label} fold {job.fold}{where} "
+            say(f"[{k}/{total}] {verb} {job.title}{where} "
                 f"(elapsed {format_duration(time.monotonic() - started_at)}; log: {job.log})")
             manifest.set_fold(job.arm.label, job.fold, status="running", command=job.command, log=str(job.log),
-                              started=now(), gpu=gpu)
+                              started=now(), gpu=gpu, **fraction_fields(job))
             t0 = time.monotonic()
             try:
                 rc = runner(job.command, training_env(base_env, gpu), job.log)
             except OSError as e:  # e.g. executable vanished: report like any failing fold
-                say(f"[{k}/{total}] {job.arm.label} fold {job.fold} could not start: {e}")
+                say(f"[{k}/{total}] {job.title} could not start: {e}")
                 rc = -1
             seconds = time.monotonic() - t0
             ok = rc == 0 and training_state(spec.fold_dir(job.arm, job.fold)) == FINISHED
@@ -198,7 +209,7 @@ def execute_jobs(spec: BenchmarkSpec, jobs: list[FoldJob], runner: Runner, manif
             manifest.set_fold(job.arm.label, job.fold, status=status, returncode=rc, ended=now(),
                               seconds=round(seconds, 1))
             detail = "" if ok else (f" (exit code {rc})" if rc != 0 else " (exit code 0 but no validation/summary.json)")
-            say(f"[{k}/{total}] {job.arm.label} fold {job.fold} {status}{detail} after {format_duration(seconds)} "
+            say(f"[{k}/{total}] {job.title} {status}{detail} after {format_duration(seconds)} "
                 f"(elapsed {format_duration(time.monotonic() - started_at)})")
             return JobOutcome(job, rc, seconds, ok)
         finally:
@@ -215,7 +226,7 @@ def describe_plan(jobs: list[FoldJob], gpus: Sequence[str] | None) -> list[str]:
     lines = []
     for j in jobs:
         if j.state == FINISHED:
-            lines.append(f"# {j.arm.label} fold {j.fold}: finished, skipped")
+            lines.append(f"# {j.title}: finished, skipped")
     todo = [j for j in jobs if j.state != FINISHED]
     if gpus and len(gpus) > 1:
         lines.append(f"# parallel: one fold per GPU on GPUs {' '.join(gpus)} "
@@ -223,5 +234,5 @@ def describe_plan(jobs: list[FoldJob], gpus: Sequence[str] | None) -> list[str]:
     prefix = f"CUDA_VISIBLE_DEVICES={gpus[0]} " if gpus and len(gpus) == 1 else ""
     for j in todo:
         note = "resume" if j.state == RESUME else "new"
-        lines.append(f"{prefix}{shlex.join(j.command)}   # {j.arm.label} fold {j.fold} ({note}); log: {j.log}")
+        lines.append(f"{prefix}{shlex.join(j.command)}   # {j.title} ({note}); log: {j.log}")
     return lines

@@ -1,27 +1,23 @@
 """What one benchmark is (:class:`BenchmarkSpec`), built from the command's inputs and checked before anything runs.
 
-Every input is validated here (dataset, plans and configuration, arms and their weights, folds,
-splits, ``--compare``), so mistakes cost seconds, not GPU-days. Weights whose metadata (the JSON
-sidecar of our weights files) says they were pre-trained with other plans are refused by the same
-rule the fine-tuning trainer applies (:func:`nnunet_hyspark.nnunet_compat.check_weights_fit_plans`).
+Every input is validated here (dataset, arms with their plans, trainers and weights (see
+:mod:`.arm_checks`), folds, splits, ``--compare``), so mistakes cost seconds, not GPU-days.
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from nnunet_hyspark import nnunet_compat as compat
+from nnunet_hyspark.benchmark import arm_checks
+from nnunet_hyspark.benchmark import fractions as fractions_mod
 from nnunet_hyspark.benchmark import splits as splits_mod
 from nnunet_hyspark.benchmark import summary as summary_mod
 from nnunet_hyspark.benchmark.arms import Arm, resolve_arms
 from nnunet_hyspark.benchmark.manifest import Manifest
 from nnunet_hyspark.errors import HySparKError, require_nnunet_env
-from nnunet_hyspark.methods import method_for_trainer
-from nnunet_hyspark.weights import load_weights_file
 
 DEFAULT_N_FOLDS = 5
 
@@ -42,21 +38,36 @@ class BenchmarkSpec:
     splits_source: str | None = None
     compare: tuple[str, str] | None = None
     device: str | None = None  # nnUNetv2_train -device; where it runs is not part of the identity
+    fractions: tuple[float, ...] = fractions_mod.DEFAULT_FRACTIONS  # --train-fractions, ascending
+    #: fold x fraction -> nnU-Net fold, once the training subsets are installed/read (None: the folds themselves)
+    fold_entries: list[fractions_mod.FoldEntry] | None = None
 
     def identity(self) -> dict:
         """What must match for a re-run to resume rather than be a different benchmark."""
         return {"dataset": self.dataset, "configuration": self.configuration, "plans": self.plans,
                 "arms": [a.as_dict() for a in self.arms], "folds": list(self.folds),
-                "splits": splits_mod.splits_digest(self.splits) if self.splits is not None else None}
+                "splits": splits_mod.splits_digest(self.splits) if self.splits is not None else None,
+                **self._fraction_identity()}
 
     def summary_identity(self) -> dict:
         """What the summary files describe (weights, splits and --compare do not change which results are read)."""
         return {"dataset": self.dataset, "configuration": self.configuration, "plans": self.plans,
                 "arms": [{"label": a.label, "trainer": a.trainer} for a in self.arms],
-                "folds": list(self.folds)}
+                "folds": list(self.folds), **self._fraction_identity()}
+
+    def _fraction_identity(self) -> dict:
+        """Absent for the default (all cases), so manifests written before --train-fractions still match."""
+        if self.fractions == fractions_mod.DEFAULT_FRACTIONS:
+            return {}
+        return {"fractions": list(self.fractions), "subset_seed": fractions_mod.SUBSET_SEED}
+
+    def arm_plans(self, arm: Arm) -> str:
+        """The plans an arm trains with: its own ``@PLANS``, else the benchmark's ``-p``."""
+        return arm.plans or self.plans
 
     def fold_dir(self, arm: Arm, fold: int) -> Path:
-        return summary_mod.trainer_output_dir(self.results_root, self.dataset, arm.trainer, self.plans,
+        """nnU-Net's output folder of one arm x fold (TRAINER__PLANS__CONFIG/fold_F, with the arm's plans)."""
+        return summary_mod.trainer_output_dir(self.results_root, self.dataset, arm.trainer, self.arm_plans(arm),
                                               self.configuration) / f"fold_{fold}"
 
 
@@ -67,71 +78,8 @@ def resolve_dataset(dataset_arg: str) -> str:
 
 
 def check_plans(dataset: str, plans: str, configuration: str) -> Path:
-    """The plans file must exist and contain the configuration, or every fold would fail the same way."""
-    hint = "run hyspark_plan_and_preprocess (or nnUNetv2_plan_and_preprocess) with these plans, or fix -p"
-    pm = compat.load_plans_manager(dataset, plans, hint=hint)
-    compat.check_configuration(pm, configuration, dataset, plans, hint=None)
-    return compat.plans_file(dataset, plans)
-
-
-def check_weights_plans(dataset: str, plans: str, configuration: str, arms: Sequence[Arm]) -> None:
-    """Each arm's weights file, before any fold starts: it loads safely (``weights_only=True``), is of the
-    arm's method, and fits the plans (the trainer's rule). A bad file would otherwise fail inside every fold."""
-    pm = None
-    checked: dict[str, dict] = {}
-    for arm in arms:
-        if not arm.weights or method_for_trainer(arm.trainer) is None:
-            continue
-        if arm.weights not in checked:
-            try:
-                checked[arm.weights] = _weights_meta(arm.weights)
-            except HySparKError as e:
-                raise HySparKError(f"arm '{arm.label}': {e.args[0]}", e.hint) from None
-        meta = checked[arm.weights]
-        _check_method(arm, meta)
-        if not meta:
-            continue
-        pm = pm or compat.load_plans_manager(dataset, plans)
-        plan = compat.Preprocessing.from_plans(pm.plans, compat.configuration_dict(pm, configuration))
-        try:
-            compat.check_weights_fit_plans(meta, plan, f"{plans} {configuration} of {dataset}",
-                                           lambda m: print(f"warning: arm '{arm.label}': {m}", file=sys.stderr))
-        except HySparKError as e:
-            raise HySparKError(f"arm '{arm.label}' ({arm.weights}): {e.args[0]}", e.hint) from None
-
-
-def _weights_meta(path: str) -> dict:
-    """The metadata of a weights file read safely; its JSON sidecar for files whose own metadata is empty."""
-    _, meta = load_weights_file(path)
-    if meta:
-        return meta
-    sidecar = Path(path).with_suffix(".json")
-    try:
-        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    except (OSError, ValueError):
-        meta = {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def _check_method(arm: Arm, meta: dict) -> None:
-    """A HySparK file given to the MiM trainer (say) would fail in every fold with a key mismatch."""
-    from nnunet_hyspark.methods import method_for_network
-
-    wanted = method_for_trainer(arm.trainer)
-    found = method_for_network(str(meta.get("network_class_name", ""))) if meta.get("network_class_name") else None
-    if wanted is not None and found is not None and found.name != wanted.name:
-        raise HySparKError(f"arm '{arm.label}': {arm.weights} holds {found.title} weights, but {arm.trainer} "
-                           f"fine-tunes {wanted.title}", f"use {found.finetune_trainer} for these weights, or "
-                           f"weights pre-trained with --method {wanted.name}")
-
-
-def check_preprocessed(dataset: str, plans: str, configuration: str) -> None:
-    """The configuration folder the folds read must be complete (marker of hyspark_plan_and_preprocess)."""
-    from nnunet_hyspark.planning import completeness
-
-    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset / compat.data_identifier(dataset, plans, configuration)
-    completeness.check_complete(folder, completeness.repair_command(compat.dataset_id(dataset), plans,
-                                                                    configuration))
+    """The plans file must exist, contain the configuration and be preprocessed, or every fold would fail."""
+    return arm_checks.check_plans(dataset, plans, configuration)
 
 
 def default_output_dir(results_root: str | os.PathLike, dataset: str, plans: str, configuration: str) -> Path:
@@ -156,47 +104,59 @@ def resolve_folds(folds: Sequence[int] | None, n_splits: int | None) -> list[int
 def build_spec(dataset_arg: str, configuration: str, plans: str, arm_specs: Sequence[str] | None,
                pretrained_weights: str | None = None, folds: Sequence[int] | None = None,
                splits_file: str | None = None, output: str | None = None,
-               compare: Sequence[str] | None = None) -> BenchmarkSpec:
-    """Validate every input of ``folds`` before anything runs, so mistakes cost seconds, not GPU-days."""
+               compare: Sequence[str] | None = None,
+               train_fractions: Sequence[float] | None = None, case_id_pattern: str | None = None,
+               allow_partial_splits: bool = False) -> BenchmarkSpec:
+    """Validate every input of ``folds`` before anything runs, so mistakes cost seconds, not GPU-days.
+
+    ``case_id_pattern`` / ``allow_partial_splits``: for a MONAI datalist given as ``splits_file``.
+    """
     env = require_nnunet_env()
+    fractions = fractions_mod.check_fractions(train_fractions)
     dataset = resolve_dataset(dataset_arg)
-    check_plans(dataset, plans, configuration)
-    check_preprocessed(dataset, plans, configuration)
-    arms = resolve_arms(arm_specs, pretrained_weights, require_weights=True)
-    check_weights_plans(dataset, plans, configuration, arms)
+    arms = resolve_arms(arm_specs, pretrained_weights, require_weights=True, default_plans=plans)
+    arm_checks.check_arms(dataset, configuration, arms, lambda arm: arm.plans or plans)
     custom = None
     preprocessed = Path(env["nnUNet_preprocessed"]) / dataset
+    if not splits_file and (case_id_pattern or allow_partial_splits):
+        raise HySparKError("--case-id-pattern / --allow-partial-splits need a datalist given to --splits",
+                           "add --splits DATALIST.json, or drop them")
     if splits_file:
-        custom = splits_mod.load_splits_file(splits_file)
-        splits_mod.validate_splits(custom, splits_mod.dataset_case_ids(dataset), source=str(splits_file))
+        known = splits_mod.dataset_case_ids(dataset)
+        custom = splits_mod.load_splits_file(splits_file, known, case_id_pattern, allow_partial_splits)
+        splits_mod.validate_splits(custom, known, source=str(splits_file))
         n_splits = len(custom)
     else:
         current = splits_mod.existing_splits(preprocessed)
-        n_splits = len(current) if current else None
+        n_splits = fractions_mod.base_count(current) if current else None
+    base = custom if custom is not None else current
+    if base:  # else nnU-Net's default split (every fold has training cases) is written at the start
+        fractions_mod.check_folds_trainable(base, resolve_folds(folds, n_splits), fractions)
     results_root = Path(env["nnUNet_results"])
     return BenchmarkSpec(
         dataset_arg=str(dataset_arg), dataset=dataset, configuration=configuration, plans=plans, arms=arms,
         folds=resolve_folds(folds, n_splits), results_root=results_root,
         output_dir=Path(output) if output else default_output_dir(results_root, dataset, plans, configuration),
         splits=custom, splits_source=os.path.abspath(splits_file) if splits_file else None,
-        compare=check_compare(compare, arms))
+        compare=check_compare(compare, arms), fractions=fractions)
 
 
 def build_summary_spec(dataset_arg: str, configuration: str, plans: str, arm_specs: Sequence[str] | None,
                        folds: Sequence[int] | None = None, output: str | None = None,
-                       compare: Sequence[str] | None = None) -> BenchmarkSpec:
-    """Like build_spec, but only results are needed; arms/folds default to the benchmark's manifest."""
+                       compare: Sequence[str] | None = None,
+                       train_fractions: Sequence[float] | None = None) -> BenchmarkSpec:
+    """Like build_spec, but only results are needed; arms/folds/fractions default to the benchmark's manifest."""
     env = require_nnunet_env(["nnUNet_results"])
     dataset = resolve_dataset(dataset_arg)
     results_root = Path(env["nnUNet_results"])
     output_dir = Path(output) if output else default_output_dir(results_root, dataset, plans, configuration)
     recorded = Manifest.load(output_dir).data.get("config") or {}
     if arm_specs:
-        arms = resolve_arms(arm_specs, None, require_weights=False)
+        arms = resolve_arms(arm_specs, None, require_weights=False, default_plans=plans)
     elif recorded.get("arms"):
-        arms = [Arm(a["label"], a["trainer"], a.get("weights")) for a in recorded["arms"]]
+        arms = [Arm.from_dict(a) for a in recorded["arms"]]
     else:
-        arms = resolve_arms(None, None, require_weights=False)
+        arms = resolve_arms(None, None, require_weights=False, default_plans=plans)
     if folds:
         folds = resolve_folds(folds, max(folds) + 1)
     elif recorded.get("folds"):
@@ -204,9 +164,10 @@ def build_summary_spec(dataset_arg: str, configuration: str, plans: str, arm_spe
     else:
         pre = os.environ.get("nnUNet_preprocessed")
         current = splits_mod.existing_splits(Path(pre) / dataset) if pre else None
-        folds = resolve_folds(None, len(current) if current else None)
+        folds = resolve_folds(None, fractions_mod.base_count(current) if current else None)
+    fractions = fractions_mod.check_fractions(train_fractions or recorded.get("fractions"))
     return BenchmarkSpec(str(dataset_arg), dataset, configuration, plans, arms, list(folds), results_root,
-                         output_dir, compare=check_compare(compare, arms))
+                         output_dir, compare=check_compare(compare, arms), fractions=fractions)
 
 
 def check_compare(compare: Sequence[str] | None, arms: list[Arm]) -> tuple[str, str] | None:

@@ -6,9 +6,11 @@ compares arms is only meaningful if every arm sees the same folds, so the splits
 validated here (every case exists, no case validated twice, no train/val leak) and
 installed in that one place before any training starts.
 
-Two input formats are accepted:
+Three input formats are accepted:
 
-* nnU-Net's own ``splits_final.json`` format (JSON list of ``{"train", "val"}``), and
+* nnU-Net's own ``splits_final.json`` format (JSON list of ``{"train", "val"}``),
+* a MONAI-style datalist (JSON object with a ``training`` list of ``{"image", "label", "fold"}``, the
+  format in which papers publish their folds; mapped onto case ids by :mod:`.datalist`), and
 * a plain-text case list, one case per line: ``CASE_ID FOLD`` separated by spaces or a
   tab; blank lines and everything after ``#`` are ignored. Folds are numbered
   ``0..K-1`` without gaps. Fold ``k`` validates on the cases listed with ``k`` and
@@ -21,8 +23,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
+from nnunet_hyspark.benchmark import datalist
 from nnunet_hyspark.errors import HySparKError
 from nnunet_hyspark.io import atomic_json_save
 
@@ -35,25 +38,49 @@ TEXT_FORMAT_HELP = (
 )
 
 
-def load_splits_file(path: str | os.PathLike) -> Splits:
-    """Read a splits file in either supported format and return nnU-Net's list form."""
+def load_splits_file(path: str | os.PathLike, case_ids: Sequence[str] | None = None,
+                     case_id_pattern: str | None = None, allow_partial: bool = False) -> Splits:
+    """Read a splits file in any supported format and return nnU-Net's list form.
+
+    ``case_ids`` (the dataset's cases) map a datalist's image files to cases; ``case_id_pattern`` and
+    ``allow_partial`` (``--case-id-pattern``, ``--allow-partial-splits``) apply to datalists only.
+    """
     path = Path(path)
     if not path.is_file():
         raise HySparKError(f"splits file not found: {path}", "check the path given to --splits")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HySparKError(f"splits file {path} cannot be read as text ({e})", "check the path given to --splits")
     stripped = text.lstrip()
-    if stripped.startswith("[") or stripped.startswith("{"):
-        return _parse_json_splits(text, path)
+    data = None
+    if stripped.startswith("[") or stripped.startswith("{") or path.suffix.lower() == ".json":
+        data = _load_json(text, path)
+    if data is not None and datalist.is_datalist(data):
+        if case_ids is None:
+            raise HySparKError(f"splits file {path} is a datalist, which needs the dataset's cases",
+                               "pass it to hyspark_benchmark folds --splits")
+        assignment = datalist.datalist_assignment(data, str(path), case_ids, case_id_pattern, allow_partial)
+        return assignment_to_splits(assignment, str(path))
+    if case_id_pattern is not None or allow_partial:
+        raise HySparKError(f"--case-id-pattern / --allow-partial-splits apply to datalists only, and {path} "
+                           "is not one", "drop them, or give a MONAI datalist JSON to --splits")
+    if data is not None:
+        return _parse_json_splits(data, path)
     return parse_case_list(text, str(path))
 
 
-def _parse_json_splits(text: str, path: Path) -> Splits:
-    """Parse nnU-Net's splits_final.json format, rejecting anything else early."""
+def _load_json(text: str, path: Path) -> object:
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise HySparKError(f"splits file {path} is not valid JSON ({e})",
-                           "use nnU-Net's splits_final.json format or the text format: " + TEXT_FORMAT_HELP)
+                           "use nnU-Net's splits_final.json format, a MONAI datalist, or the text format: "
+                           + TEXT_FORMAT_HELP) from None
+
+
+def _parse_json_splits(data: object, path: Path) -> Splits:
+    """Parse nnU-Net's splits_final.json format, rejecting anything else early."""
     if not isinstance(data, list) or not data:
         raise HySparKError(f"splits file {path} must contain a non-empty JSON list of "
                            '{"train": [...], "val": [...]} (one per fold)', "see nnU-Net's splits_final.json")
@@ -83,6 +110,12 @@ def parse_case_list(text: str, source: str = "<text>") -> Splits:
         assignment.setdefault(parts[0], []).append(int(parts[1]))
     if not assignment:
         raise HySparKError(f"splits file {source} lists no cases", "text splits format: " + TEXT_FORMAT_HELP)
+    return assignment_to_splits(assignment, source)
+
+
+def assignment_to_splits(assignment: dict[str, list[int]], source: str) -> Splits:
+    """case -> its validation fold (listed once), as nnU-Net's list: fold k validates on its cases and trains on
+    every other listed case."""
     twice = sorted(c for c, folds in assignment.items() if len(folds) > 1)
     if twice:
         raise HySparKError(f"splits file {source}: case(s) listed more than once: {_preview(twice)}",
@@ -199,18 +232,14 @@ def install_splits(splits: Splits, preprocessed_dataset_dir: str | os.PathLike, 
     return target, action
 
 
-def install_default_splits(preprocessed_dataset_dir: str | os.PathLike, data_folder: str | os.PathLike) -> Path | None:
-    """Write nnU-Net's own default split (5 folds, seed 12345, over the sorted case ids) if none exists.
-
-    nnU-Net's trainer would create exactly this file, but folds started in parallel would each
-    create it at once; writing it first, atomically, removes that race. Returns the path if written.
-    """
+def default_splits(data_folder: str | os.PathLike) -> Splits | None:
+    """nnU-Net's own default split (5 folds, seed 12345, over the sorted case ids of a preprocessed
+    configuration folder), or None where nnU-Net would not make one (no data, fewer than 5 cases)."""
     import numpy as np
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    target = Path(preprocessed_dataset_dir) / SPLITS_FILENAME
-    if target.is_file() or not Path(data_folder).is_dir():
+    if not Path(data_folder).is_dir():
         return None  # no preprocessed data: leave it to nnU-Net, whose error names the problem
     try:
         ids = infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder))
@@ -218,9 +247,36 @@ def install_default_splits(preprocessed_dataset_dir: str | os.PathLike, data_fol
         return None
     if len(ids) < 5:
         return None  # nnU-Net itself refuses 5 folds over fewer cases
-    # exactly the trainer's call (nnUNetTrainer.do_split); json writes numpy's str_ as plain strings
-    atomic_json_save(generate_crossval_split(list(np.sort(list(ids))), seed=12345, n_splits=5), target)
+    # exactly the trainer's call (nnUNetTrainer.do_split); str() because numpy's str_ is no JSON string type
+    return [{"train": [str(c) for c in f["train"]], "val": [str(c) for c in f["val"]]}
+            for f in generate_crossval_split(list(np.sort(list(ids))), seed=12345, n_splits=5)]
+
+
+def install_default_splits(preprocessed_dataset_dir: str | os.PathLike, data_folder: str | os.PathLike) -> Path | None:
+    """Write nnU-Net's own default split (:func:`default_splits`) if none exists.
+
+    nnU-Net's trainer would create exactly this file, but folds started in parallel would each
+    create it at once; writing it first, atomically, removes that race. Returns the path if written.
+    """
+    target = Path(preprocessed_dataset_dir) / SPLITS_FILENAME
+    if target.is_file():
+        return None
+    splits = default_splits(data_folder)
+    if splits is None:
+        return None
+    atomic_json_save(splits, target)
     return target
+
+
+def fold_table(splits: Splits, folds: Sequence[int] | None = None, source: str = "") -> list[str]:
+    """The folds as ``--dry-run`` shows them: per fold, the number of training cases and the validation case ids."""
+    lines = [f"folds{f' from {source}' if source else ''}: {len(splits)} fold(s), "
+             f"{len({c for fold in splits for c in fold['train'] + fold['val']})} case(s)"]
+    for k in (range(len(splits)) if folds is None else folds):
+        fold = splits[k]
+        lines.append(f"  fold {k}: {len(fold['train'])} training case(s); validation ({len(fold['val'])}): "
+                     + " ".join(fold["val"]))
+    return lines
 
 
 def _preview(items: list[str], n: int = 10) -> str:

@@ -16,7 +16,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 FINISHED, UNFINISHED, MISSING = "finished", "unfinished", "missing"
 FOREGROUND_MEAN = "foreground_mean"
@@ -26,7 +26,8 @@ COUNT_METRICS = frozenset({"TP", "FP", "FN", "TN", "n_pred", "n_ref"})
 KEY_METRICS = ("Dice", "IoU")
 #: Below this many paired folds a two-sided Wilcoxon signed-rank test cannot reach p < 0.05.
 MIN_FOLDS_WILCOXON = 6
-SUMMARY_FILES = ("summary.md", "summary.csv", "summary_aggregate.csv", "summary_comparison.csv", "summary.png")
+SUMMARY_FILES = ("summary.md", "summary.csv", "summary_aggregate.csv", "summary_comparison.csv", "summary.png",
+                 "summary_fractions.png", "summary_test_set.csv", "summary_cost.csv")
 
 
 def sample_std(values: Sequence[float]) -> float | None:
@@ -51,7 +52,7 @@ class FoldResult:
     arm: str
     fold: int
     status: str
-    path: Path
+    path: Path | None  # None: no nnU-Net fold holds this fold (e.g. a training subset never installed)
     values: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -127,6 +128,12 @@ def trainer_output_dir(results_root: str | os.PathLike, dataset: str, trainer: s
     return Path(results_root) / dataset / f"{trainer}__{plans}__{configuration}"
 
 
+def arm_title(arm: ArmLike) -> str:
+    """The trainer, with ``@PLANS`` for an arm with its own plans (as the arm was given)."""
+    plans = getattr(arm, "plans", None)
+    return f"{arm.trainer}@{plans}" if plans else arm.trainer
+
+
 def label_names(dataset_json: dict | None) -> dict[str, str]:
     """Map the class keys of summary.json (label values as strings) to dataset.json label names.
 
@@ -155,23 +162,30 @@ def read_summary_json(path: str | os.PathLike, names: dict[str, str]) -> dict[st
     return out
 
 
-def fold_status(fold_dir: Path) -> str:
+def fold_status(fold_dir: Path | None) -> str:
     """finished: validation summary written; unfinished: fold folder exists; missing: nothing there."""
+    if fold_dir is None:
+        return MISSING
     if (fold_dir / "validation" / "summary.json").is_file():
         return FINISHED
     return UNFINISHED if fold_dir.is_dir() else MISSING
 
 
 def collect_results(results_root: str | os.PathLike, dataset: str, configuration: str, plans: str,
-                    arms: Sequence[ArmLike], folds: Sequence[int], dataset_json: dict | None) -> BenchmarkResults:
-    """Read every requested arm x fold; absent or unfinished folds are recorded, not skipped."""
+                    arms: Sequence[ArmLike], folds: Sequence[int], dataset_json: dict | None,
+                    locate: Callable[[ArmLike, int], Path | None] | None = None) -> BenchmarkResults:
+    """Read every requested arm x fold; absent or unfinished folds are recorded, not skipped.
+
+    ``locate(arm, fold)`` is the fold's nnU-Net output folder (an arm's own plans, a training
+    subset's entry); default ``TRAINER__PLANS__CONFIG/fold_F`` with ``plans``.
+    """
     names = label_names(dataset_json)
     fold_results: dict[str, dict[int, FoldResult]] = {}
     for arm in arms:
         base = trainer_output_dir(results_root, dataset, arm.trainer, plans, configuration)
         fold_results[arm.label] = {}
         for f in folds:
-            fdir = base / f"fold_{f}"
+            fdir = locate(arm, f) if locate is not None else base / f"fold_{f}"
             status = fold_status(fdir)
             values = read_summary_json(fdir / "validation" / "summary.json", names) if status == FINISHED else {}
             fold_results[arm.label][f] = FoldResult(arm.label, f, status, fdir, values)
@@ -182,7 +196,7 @@ def collect_results(results_root: str | os.PathLike, dataset: str, configuration
     metrics_found = {m for per_arm in fold_results.values() for r in per_arm.values()
                      for ms in r.values.values() for m in ms}
     metrics = [m for m in KEY_METRICS if m in metrics_found] + sorted(metrics_found - set(KEY_METRICS))
-    return BenchmarkResults(dataset, configuration, plans, [(a.label, a.trainer) for a in arms], list(folds),
+    return BenchmarkResults(dataset, configuration, plans, [(a.label, arm_title(a)) for a in arms], list(folds),
                             classes, metrics, fold_results)
 
 

@@ -16,7 +16,8 @@ from nnunet_hyspark.benchmark.summary import (COUNT_METRICS, FINISHED, KEY_METRI
                                               BenchmarkResults, Comparison, aggregate, comparisons)
 
 
-def _fmt(v: float | None, digits: int = 4) -> str:
+def fmt(v: float | None, digits: int = 4) -> str:
+    """A value with 4 decimals, or n/a."""
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
@@ -32,10 +33,16 @@ def _fold_status_line(results: BenchmarkResults, arm: str) -> str:
 
 
 def render_markdown(results: BenchmarkResults, comps: list[Comparison], baseline: str | None,
-                    other: str | None) -> str:
-    """The human-readable report: fold accounting first, then aggregates, per-fold values, differences."""
+                    other: str | None, title: str | None = None, level: int = 1) -> str:
+    """The human-readable report: fold accounting first, then aggregates, per-fold values, differences.
+
+    ``level`` is the depth of the title's heading (the sections are one deeper), so the report of
+    one training fraction can be a section of a larger one.
+    """
     table_metrics = [m for m in results.metrics if m not in COUNT_METRICS]
-    out = [f"# HySparK benchmark: {results.dataset} / {results.configuration} / {results.plans}", ""]
+    h = "#" * (level + 1)
+    title = title or f"HySparK benchmark: {results.dataset} / {results.configuration} / {results.plans}"
+    out = [f"{'#' * level} {title}", ""]
     out.append("Folds contributed per arm (missing or unfinished folds are excluded from every number below):")
     out.append("")
     for label, trainer in results.arms:
@@ -43,36 +50,36 @@ def render_markdown(results: BenchmarkResults, comps: list[Comparison], baseline
     out += ["", "Aggregates are mean ± sample standard deviation (ddof=1) over the contributing folds; "
                 "`(n=k)` marks a cell based on fewer folds than the arm contributed.", ""]
     for metric in table_metrics:
-        out += [f"## {metric}: mean ± std over folds", ""]
+        out += [f"{h} {metric}: mean ± std over folds", ""]
         header = ["class"] + [f"{lab} ({len(results.finished_folds(lab))} folds)" for lab, _ in results.arms]
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for cls in results.classes:
             cells = [cls]
             for lab, _ in results.arms:
                 agg = aggregate(results, lab, cls, metric)
-                cell = "n/a" if not agg.n else f"{_fmt(agg.mean)} ± {_fmt(agg.std)}"
+                cell = "n/a" if not agg.n else f"{fmt(agg.mean)} ± {fmt(agg.std)}"
                 if agg.n and agg.n < len(results.finished_folds(lab)):
                     cell += f" (n={agg.n})"
                 cells.append(cell)
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     for metric in table_metrics:
-        out += [f"## Per-fold {metric}", ""]
+        out += [f"{h} Per-fold {metric}", ""]
         header = ["arm", "fold", "status"] + results.classes
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for lab, _ in results.arms:
             for f, r in results.fold_results[lab].items():
-                vals = [_fmt(r.values.get(c, {}).get(metric)) if r.status == FINISHED else "—"
+                vals = [fmt(r.values.get(c, {}).get(metric)) if r.status == FINISHED else "—"
                         for c in results.classes]
                 out.append("| " + " | ".join([lab, str(f), r.status] + vals) + " |")
         out.append("")
     if baseline and other:
-        out += [f"## Difference {other} − {baseline} (paired over folds finished in both)", ""]
+        out += [f"{h} Difference {other} − {baseline} (paired over folds finished in both)", ""]
         out += ["| class | metric | paired folds | mean diff | std diff | Wilcoxon p | paired t-test p | note |",
                 "|---|---|---|---|---|---|---|---|"]
         for c in comps:
             out.append(f"| {c.cls} | {c.metric} | {len(c.folds)} ({', '.join(map(str, c.folds)) or '-'}) | "
-                       f"{_fmt(c.mean_diff)} | {_fmt(c.std_diff)} | {_fmt_p(c.p_wilcoxon)} | "
+                       f"{fmt(c.mean_diff)} | {fmt(c.std_diff)} | {_fmt_p(c.p_wilcoxon)} | "
                        f"{_fmt_p(c.p_ttest)} | {c.note} |")
         out += ["", f"Two-sided tests across folds. With fewer than {MIN_FOLDS_WILCOXON} paired folds the "
                     "Wilcoxon signed-rank test cannot reach p < 0.05; the paired t-test assumes normally "
@@ -127,7 +134,7 @@ def comparison_csv(comps: list[Comparison]) -> str:
     return buf.getvalue()
 
 
-def plot(results: BenchmarkResults, path: str | os.PathLike) -> Path | None:
+def plot(results: BenchmarkResults, path: str | os.PathLike, title_suffix: str = "") -> Path | None:
     """Grouped bars per class and arm (mean, std error bars) with each fold as a dot.
 
     Uses the object-oriented Agg canvas rather than pyplot, so no global backend or figure
@@ -163,7 +170,12 @@ def plot(results: BenchmarkResults, path: str | os.PathLike) -> Path | None:
         ax.set_ylabel(metric)
         ax.set_ylim(0, 1.05)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-        ax.set_title(f"{metric} per class (bars: mean ± std over folds, dots: folds)")
+        ax.set_title(f"{metric} per class (bars: mean ± std over folds, dots: folds){title_suffix}")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out and write a matplotlib Figure as PNG atomically (a reader never sees half a file)."""
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.png")
@@ -172,32 +184,51 @@ def plot(results: BenchmarkResults, path: str | os.PathLike) -> Path | None:
     return path
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
+def compared_arms(results: BenchmarkResults, compare_arms: tuple[str, str] | None) -> tuple[str, str] | None:
+    """(baseline, other): ``--compare``, by default the second arm minus the first; None with one arm."""
+    labels = [lab for lab, _ in results.arms]
+    if compare_arms is None and len(labels) >= 2:
+        return labels[0], labels[1]
+    return compare_arms
+
+
+def write_files(output_dir: Path, texts: dict[str, str], extra_markdown: list[str] | None = None,
+                extra_csv: dict[str, str] | None = None) -> list[Path]:
+    """Write the text files (summary.md with the extra sections appended; empty extra CSVs are skipped)."""
+    texts = dict(texts)
+    texts["summary.md"] = "\n".join([texts["summary.md"].rstrip("\n"), *[m for m in extra_markdown or [] if m]]) + "\n"
+    texts.update({name: text for name, text in (extra_csv or {}).items() if text})
+    written = []
+    for name, text in texts.items():
+        write_text_atomic(output_dir / name, text)
+        written.append(output_dir / name)
+    return written
+
+
 def write_summary(results: BenchmarkResults, output_dir: str | os.PathLike,
-                  compare_arms: tuple[str, str] | None = None) -> list[Path]:
+                  compare_arms: tuple[str, str] | None = None, extra_markdown: list[str] | None = None,
+                  extra_csv: dict[str, str] | None = None) -> list[Path]:
     """Write summary.md, the CSVs and summary.png into output_dir; return the paths written.
 
     ``compare_arms`` is (baseline, other); by default the second arm minus the first.
+    ``extra_markdown`` sections are appended to summary.md, ``extra_csv`` (name -> text) written beside it.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    labels = [lab for lab, _ in results.arms]
-    if compare_arms is None and len(labels) >= 2:
-        compare_arms = (labels[0], labels[1])
+    compare_arms = compared_arms(results, compare_arms)
     baseline, other = compare_arms if compare_arms else (None, None)
     comps = comparisons(results, baseline, other) if compare_arms else []
-    written = []
-    for name, text in (("summary.md", render_markdown(results, comps, baseline, other)),
-                       ("summary.csv", long_csv(results)),
-                       ("summary_aggregate.csv", aggregate_csv(results)),
-                       ("summary_comparison.csv", comparison_csv(comps))):
-        _write_text_atomic(out / name, text)
-        written.append(out / name)
+    written = write_files(out, {"summary.md": render_markdown(results, comps, baseline, other),
+                                "summary.csv": long_csv(results),
+                                "summary_aggregate.csv": aggregate_csv(results),
+                                "summary_comparison.csv": comparison_csv(comps)}, extra_markdown, extra_csv)
     png = plot(results, out / "summary.png")
     if png is not None:
         written.append(png)

@@ -38,10 +38,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="plans identifier (default: %(default)s)")
     parser.add_argument("-f", dest="folds", nargs="+", type=int, default=None, metavar="FOLD",
                         help="folds (default: all folds of the splits in effect, nnU-Net's default is 0 1 2 3 4)")
-    parser.add_argument("--arms", nargs="+", default=None, metavar="LABEL=TRAINER[:WEIGHTS]", help=ARM_SPEC_HELP)
+    parser.add_argument("--arms", nargs="+", default=None, metavar="LABEL=TRAINER[@PLANS][:WEIGHTS]",
+                        help=ARM_SPEC_HELP)
     parser.add_argument("--compare", nargs=2, default=None, metavar=("BASELINE", "OTHER"),
                         help="arms for the difference table: reports OTHER minus BASELINE with paired tests "
                              "across folds (default: second arm minus first arm)")
+    parser.add_argument("--train-fractions", "--train_fractions", dest="train_fractions", nargs="+", type=float,
+                        default=None, metavar="F",
+                        help="label efficiency: train every fold also on these fractions of its training cases, "
+                             "e.g. 0.1 0.25 0.5 1.0 (nested subsets, fixed seed, at least one case; validated on "
+                             "the fold's own validation cases). The subsets are extra entries of the dataset's "
+                             "splits_final.json; the manifest records which entry is which fold x fraction. "
+                             "Default: 1.0 (all training cases)")
     parser.add_argument("--output", default=None, metavar="DIR",
                         help="benchmark folder for manifest, logs and summary (default: "
                              "$nnUNet_results/DatasetXXX_Name/hyspark_benchmark__PLANS__CONFIG)")
@@ -65,7 +73,19 @@ def add_folds_arguments(parser: argparse.ArgumentParser) -> None:
                              "(required for the default 'pretrained' arm)")
     parser.add_argument("--splits", default=None, metavar="FILE",
                         help="custom folds, installed as $nnUNet_preprocessed/DatasetXXX/splits_final.json: "
-                             "nnU-Net's splits_final.json format, or a text file with " + TEXT_FORMAT_HELP)
+                             "nnU-Net's splits_final.json format, a MONAI-style datalist JSON as papers publish "
+                             "their folds ({\"training\": [{\"image\": \"imagesTr/img0001.nii.gz\", \"fold\": 0}, "
+                             "...]}; image file names map to case ids, img0001.nii.gz -> img0001), or a text file "
+                             "with " + TEXT_FORMAT_HELP)
+    parser.add_argument("--case-id-pattern", "--case_id_pattern", dest="case_id_pattern", default=None,
+                        metavar="REGEX",
+                        help="datalist only: regular expression searched in each image path whose one capture "
+                             "group (or group named 'case') is the nnU-Net case id, e.g. 'img(\\d+)' (default: "
+                             "the file name without folder and file ending, or without _0000)")
+    parser.add_argument("--allow-partial-splits", "--allow_partial_splits", dest="allow_partial_splits",
+                        action="store_true",
+                        help="datalist only: use the cases that both the datalist and the dataset name, instead "
+                             "of refusing entries without a case or cases without an entry")
     parser.add_argument("--gpus", nargs="+", default=None, metavar="ID",
                         help="run folds in parallel, one per GPU, via CUDA_VISIBLE_DEVICES (default: sequential "
                              "with the inherited environment)")
@@ -73,11 +93,19 @@ def add_folds_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the exact nnUNetv2_train commands and run nothing")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"],
                         help="nnUNetv2_train -device; auto = cuda when a GPU is visible, else cpu")
+    parser.add_argument("--test-images", "--test_images", dest="test_images", default=None, metavar="DIR",
+                        help="held-out test images named as nnU-Net expects (CASE_0000.nii.gz, one file per "
+                             "channel): after the folds, each arm's ensemble of all its folds predicts them with "
+                             "nnUNetv2_predict into OUTPUT/test_set/<arm>/ and nnU-Net's evaluation scores them "
+                             "against --test-labels; arms with missing folds are reported, not ensembled")
+    parser.add_argument("--test-labels", "--test_labels", dest="test_labels", default=None, metavar="DIR",
+                        help="the test images' labels, CASE.nii.gz for every CASE of --test-images")
 
 
 def run_folds(args: argparse.Namespace) -> int:
     """Validate everything, then train/resume every arm x fold and summarize."""
     from nnunet_hyspark.benchmark.folds import build_spec, run_benchmark
+    from nnunet_hyspark.benchmark.test_set import resolve_test_set
     from nnunet_hyspark.nnunet_compat import resolve_device
 
     if args.gpus is not None and len(set(args.gpus)) != len(args.gpus):
@@ -85,9 +113,11 @@ def run_folds(args: argparse.Namespace) -> int:
 
         raise HySparKError(f"--gpus lists a GPU twice: {' '.join(args.gpus)}", "list each GPU id once")
     spec = build_spec(args.dataset, args.configuration, args.plans, args.arms, args.pretrained_weights,
-                      args.folds, args.splits, args.output, args.compare)
+                      args.folds, args.splits, args.output, args.compare, train_fractions=args.train_fractions,
+                      case_id_pattern=args.case_id_pattern, allow_partial_splits=args.allow_partial_splits)
     spec.device = resolve_device(args.device, check=False).type  # the folds may run where this one does not
-    return run_benchmark(spec, gpus=args.gpus, dry_run=args.dry_run, force=args.force)
+    test_set = resolve_test_set(spec, args.test_images, args.test_labels)  # checked before anything runs
+    return run_benchmark(spec, gpus=args.gpus, dry_run=args.dry_run, force=args.force, test_set=test_set)
 
 
 # --------------------------------------------------------------------------- summarize
@@ -102,7 +132,7 @@ def run_summarize(args: argparse.Namespace) -> int:
     from nnunet_hyspark.benchmark.folds import build_summary_spec, print_locations, summarize_benchmark
 
     spec = build_summary_spec(args.dataset, args.configuration, args.plans, args.arms, args.folds, args.output,
-                              args.compare)
+                              args.compare, train_fractions=args.train_fractions)
     written = summarize_benchmark(spec, force=args.force)
     print_locations(spec, written, sys.stdout)
     return 0
@@ -116,10 +146,15 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     from nnunet_hyspark.sparse.benchmark import AUTOCAST_DTYPES
 
     d = SpeedOptions()
-    parser.add_argument("--backends", nargs="+", default=list(d.backends), help="first one is the baseline")
-    parser.add_argument("--what", nargs="+", default=list(d.what), choices=["encoder", "pretrain", "data"],
-                        help="encoder alone, the full pre-training step, and/or the data pipeline (needs -d)")
-    parser.add_argument("-b", "--batch", type=int, default=d.batch)
+    parser.add_argument("--backends", nargs="+", default=list(d.backends),
+                        help="first one is the baseline; reference = the published formulation (dense CNN then "
+                             "mask, plain decoder), dense / blocks / spconv = our step with that CNN backend")
+    parser.add_argument("--what", nargs="+", default=list(d.what),
+                        choices=["encoder", "pretrain", "finetune", "data"],
+                        help="encoder alone, the full pre-training step, one fine-tuning step of HySparKUNet vs "
+                             "nnU-Net's own network (first --batch, fp32, CPU), and/or the data pipeline (needs -d)")
+    parser.add_argument("-b", "--batch", type=int, nargs="+", default=list(d.batches),
+                        help="one or more batch sizes, every backend at each (samples/s in one table)")
     parser.add_argument("--patch", type=int, nargs="+", default=list(d.patch), help="one size (cubic) or three")
     parser.add_argument("--widths", default=d.widths, help="base, tiny, or five comma-separated widths")
     parser.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
@@ -133,6 +168,9 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", dest="dataset", default=d.dataset, help="preprocessed dataset for --what data")
     parser.add_argument("-p", dest="plans", default=d.plans)
     parser.add_argument("--output", default=d.output, help="folder for speed.json and speed.md")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoder (inductor) in the pretrain rows; off by default (compiling takes "
+                             "minutes on a CPU; not measured faster yet)")
 
 
 def run_speed(args: argparse.Namespace) -> int:
@@ -140,7 +178,7 @@ def run_speed(args: argparse.Namespace) -> int:
     from nnunet_hyspark.benchmark.speed import SpeedOptions, run
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SpeedOptions)}
-    for k in ("backends", "what", "patch", "precision"):
+    for k in ("backends", "what", "patch", "precision", "batch"):
         values[k] = tuple(values[k])
     md = run(SpeedOptions(**values))
     print("\n" + md.read_text() + f"\nwritten: {md.with_name('speed.json')}, {md}")

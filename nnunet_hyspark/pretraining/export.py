@@ -57,6 +57,13 @@ def _strip_wrappers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def pretraining_seconds(history: Mapping[str, Any]) -> float | None:
+    """Wall time of the run up to this checkpoint: the sum of its epoch times (each epoch's training and
+    validation; kept in the checkpoint, so resumed runs add up), for the benchmark's cost table."""
+    times = history.get("epoch_time") or []
+    return round(float(sum(times)), 1) if times else None
+
+
 def export_meta(state: Mapping[str, Any], checkpoint: Path, spec: MethodSpec) -> dict[str, Any]:
     """The run's metadata plus where the weights come from: the checkpoint, its step and its last scores."""
     history = state.get("history") or {}
@@ -65,6 +72,9 @@ def export_meta(state: Mapping[str, Any], checkpoint: Path, spec: MethodSpec) ->
             "exported_from": str(checkpoint), "steps": int(state["step"])}
     if iterations:
         meta["epochs_done"] = int(state["step"]) // int(iterations)
+    seconds = pretraining_seconds(history)
+    if seconds is not None:
+        meta["pretraining_seconds"] = seconds
     if history.get("train_loss"):
         meta["final_train_loss"] = history["train_loss"][-1]
         meta["final_val_loss"] = history["val_loss"][-1]

@@ -285,7 +285,9 @@ class Pretrainer:
             return None
         self.save_checkpoint("checkpoint_final.pth")
         meta = {**self.meta, "steps": self.step, "final_train_loss": self.history["train_loss"][-1],
-                "final_val_loss": self.history["val_loss"][-1]}
+                "final_val_loss": self.history["val_loss"][-1],
+                # summed epoch times (across resumes): the benchmark's cost table reads it from the sidecar
+                "pretraining_seconds": round(float(sum(self.history["epoch_time"])), 1)}
         weights = self.method.export(self.model, meta, self.output_dir / "encoder_weights.pth")
         self.log(f"done. encoder weights for nnUNetv2_train -pretrained_weights: {weights}")
         return weights
