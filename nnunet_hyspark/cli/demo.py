@@ -9,58 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from nnunet_hyspark.benchmark.steps import Steps, nnunet_environment
 from nnunet_hyspark.errors import HySparKError, cli_entry
+from nnunet_hyspark.synthetic import DEMO_SHAPE, DEMO_SPACING
 
 LABELLED, UNLABELED, TEST = 991, 992, 993
-SYNTH = ["--shape", "48", "48", "32", "--spacing", "2", "2", "2.25"]
+# organs many voxels across for the cost of a 48 x 48 x 32 image (see DEMO_SHAPE); the study uses the same
+SYNTH = ["--shape", *map(str, DEMO_SHAPE), "--spacing", *map(str, DEMO_SPACING)]
 PLANS, CONFIG = "nnUNetHySparKPlans", "3d_fullres"
-
-
-class Steps:
-    """Runs numbered steps, logging each one's output, and stops with the log's tail on failure."""
-
-    def __init__(self, root: Path, env: dict, total: int):
-        self.root, self.env, self.total, self.n = root, env, total, 0
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.t0 = time.time()
-
-    def run(self, title: str, args: list[str]) -> None:
-        self.n += 1
-        log = self.logs / f"{self.n:02d}_{args[0]}.log"
-        print(f"[{self.n}/{self.total}] {title}\n      $ {shlex.join(args)}", flush=True)
-        t = time.time()
-        exe = shutil.which(args[0], path=self.env["PATH"]) or args[0]
-        with open(log, "w") as f:
-            rc = subprocess.run([exe, *args[1:]], env=self.env, stdout=f, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-            print(tail, file=sys.stderr)
-            raise HySparKError(f"step {self.n} ({args[0]}) failed with exit code {rc}", f"see {log}")
-        print(f"      done in {time.time() - t:.0f} s (log: {log})", flush=True)
-
-
-def demo_environment(root: Path) -> dict:
-    env = dict(os.environ)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[name] = str(root / name)
-        (root / name).mkdir(parents=True, exist_ok=True)
-    bindir = str(Path(sys.executable).parent)
-    from nnunet_hyspark.nnunet_compat import ext_trainer_value
-
-    env.update(PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}", PYTHONUNBUFFERED="1",
-               nnUNet_extTrainer=ext_trainer_value(env.get("nnUNet_extTrainer")))
-    env.setdefault("nnUNet_n_proc_DA", "2")
-    env.setdefault("nnUNet_def_n_proc", "2")
-    return env
 
 
 @cli_entry
@@ -78,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.force:
             raise HySparKError(f"{root} already exists", "pass --force to start the demo over, or choose --output")
         shutil.rmtree(root)
-    env = demo_environment(root)
+    env = nnunet_environment(root)
     steps = Steps(root, env, total=9)
     d, u, t = str(LABELLED), str(UNLABELED), str(TEST)
     steps.run("synthesize a labelled abdomen CT dataset", ["hyspark_synthesize", "-d", d, "--num-cases", "10", *SYNTH])

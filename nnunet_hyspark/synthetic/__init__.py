@@ -42,6 +42,8 @@ from nnunet_hyspark.synthetic.dataset import (
 from nnunet_hyspark.synthetic.phantom import (
     DEFAULT_SHAPE,
     DEFAULT_SPACING,
+    DEMO_SHAPE,
+    DEMO_SPACING,
     HU_MAX,
     HU_MIN,
     LABELS,
@@ -57,6 +59,8 @@ __all__ = [
     "PHANTOM_EXTENT_MM",
     "DEFAULT_SHAPE",
     "DEFAULT_SPACING",
+    "DEMO_SHAPE",
+    "DEMO_SPACING",
     "DEFAULT_NAME",
     "DEFAULT_NAME_UNLABELED",
     "MIN_SHAPE",
