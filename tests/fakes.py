@@ -81,3 +81,46 @@ def write_fake_preprocessed_dataset(preprocessed_dir: str, dataset_id: int = 101
     with open(os.path.join(root, "dataset.json"), "w") as f:
         json.dump(dataset_json, f, indent=2)
     return root
+
+
+def run_benchmark_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``hyspark_benchmark`` in-process; return (exit status, stdout, stderr). A SystemExit (argparse, or a
+    subcommand's non-zero status) becomes its code."""
+    from nnunet_hyspark.cli.benchmark import main
+
+    try:
+        status = main(args)
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status or 0, out, err
+
+
+def write_fake_nnunet_tree(root, dataset: str, cases: Sequence[str], plans: dict, configuration: str = "3d_fullres",
+                           monkeypatch=None) -> dict:
+    """Raw images (empty files), dataset.json, the given plans (name -> plans JSON), each with its configuration's
+    preprocessed folder marked complete, and an empty results folder; with ``monkeypatch`` the nnU-Net env vars
+    point at them. Returns the three roots."""
+    from pathlib import Path
+
+    from nnunet_hyspark.planning import completeness
+
+    root = Path(root)
+    raw, pre, res = root / "raw", root / "preprocessed", root / "results"
+    dataset_json = {"labels": {"background": 0, "liver": 1, "tumor": 2}, "file_ending": ".nii.gz",
+                    "channel_names": {"0": "CT"}, "numTraining": len(cases)}
+    (raw / dataset / "imagesTr").mkdir(parents=True)
+    for c in cases:
+        (raw / dataset / "imagesTr" / f"{c}_0000.nii.gz").write_bytes(b"")
+    for folder in (raw / dataset, pre / dataset):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    for name, content in plans.items():
+        (pre / dataset / f"{name}.json").write_text(json.dumps(content))
+        (pre / dataset / f"{name}_{configuration}").mkdir()
+        completeness.write_marker(pre / dataset / f"{name}_{configuration}", len(cases))
+    res.mkdir()
+    if monkeypatch is not None:
+        for k, v in (("nnUNet_raw", raw), ("nnUNet_preprocessed", pre), ("nnUNet_results", res)):
+            monkeypatch.setenv(k, str(v))
+    return {"raw": raw, "pre": pre, "res": res}

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fakes import run_benchmark_cli as cli
 from fakes import write_fake_preprocessed_dataset
 from nnunet_hyspark.benchmark import arm_checks
 from nnunet_hyspark.benchmark import folds as F
 from nnunet_hyspark.benchmark import spec as spec_mod
-from nnunet_hyspark.cli.benchmark import main
 from nnunet_hyspark.errors import HySparKError
 from nnunet_hyspark.methods import get_method
 from nnunet_hyspark.weights import save_weights_file
@@ -59,15 +59,6 @@ def nn(tmp_path, monkeypatch):
 
 def snapshot(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        status = main(args)
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return status or 0, out, err
 
 
 def folds_args(*arms: str, extra: tuple[str, ...] = ()) -> list[str]:

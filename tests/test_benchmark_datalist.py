@@ -15,9 +15,9 @@ import pytest
 from nnunet_hyspark.benchmark import datalist as D
 from nnunet_hyspark.benchmark import folds as F
 from nnunet_hyspark.benchmark import splits as S
-from nnunet_hyspark.cli.benchmark import main
 from nnunet_hyspark.errors import HySparKError
 from nnunet_hyspark.planning import completeness
+from fakes import run_benchmark_cli as cli
 
 DS = "Dataset001_Toy"
 PLANS = "nnUNetHySparKPlans"
@@ -60,15 +60,6 @@ def nn(tmp_path, monkeypatch):
 
 def snapshot(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if "inputs" not in p.parts}
-
-
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        status = main(args)
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return status or 0, out, err
 
 
 def folds_args(splits: Path, *extra: str) -> list[str]:

@@ -20,9 +20,9 @@ import torch
 from nnunet_hyspark.benchmark import folds as F
 from nnunet_hyspark.benchmark import splits as S
 from nnunet_hyspark.benchmark import summary as SM
-from nnunet_hyspark.cli.benchmark import main
 from nnunet_hyspark.errors import HySparKError
-from nnunet_hyspark.planning import completeness
+from fakes import run_benchmark_cli as cli
+from fakes import write_fake_nnunet_tree
 
 DS = "Dataset001_Toy"
 PLANS = "nnUNetHySparKPlans"
@@ -41,22 +41,11 @@ def iou(d: float) -> float:
 
 @pytest.fixture
 def nn(tmp_path, monkeypatch):
-    """A minimal nnU-Net tree: raw images, dataset.json, plans; env vars pointing at it."""
-    raw, pre, res = tmp_path / "raw", tmp_path / "preprocessed", tmp_path / "results"
-    dataset_json = {"labels": {"background": 0, "liver": 1, "tumor": 2}, "file_ending": ".nii.gz",
-                    "channel_names": {"0": "CT"}, "numTraining": len(CASES)}
-    (raw / DS / "imagesTr").mkdir(parents=True)
-    for c in CASES:
-        (raw / DS / "imagesTr" / f"{c}_0000.nii.gz").write_bytes(b"")
-    (raw / DS / "dataset.json").write_text(json.dumps(dataset_json))
-    (pre / DS).mkdir(parents=True)
-    (pre / DS / "dataset.json").write_text(json.dumps(dataset_json))
-    (pre / DS / f"{PLANS}.json").write_text(json.dumps({"configurations": {CONF: {}, "2d": {}}}))
-    res.mkdir()
-    for k, v in (("nnUNet_raw", raw), ("nnUNet_preprocessed", pre), ("nnUNet_results", res)):
-        monkeypatch.setenv(k, str(v))
-    (pre / DS / f"{PLANS}_{CONF}").mkdir()  # preprocessed and complete (hyspark_plan_and_preprocess's marker)
-    completeness.write_marker(pre / DS / f"{PLANS}_{CONF}", len(CASES))
+    """A minimal nnU-Net tree: raw images, dataset.json, plans (preprocessed and complete: the marker of
+    hyspark_plan_and_preprocess); env vars pointing at it."""
+    tree = write_fake_nnunet_tree(tmp_path, DS, CASES, {PLANS: {"configurations": {CONF: {}, "2d": {}}}}, CONF,
+                                  monkeypatch)
+    raw, pre, res = tree["raw"], tree["pre"], tree["res"]
     weights = tmp_path / "weights.pth"  # checked up front: it must load (weights_only=True)
     torch.save({"network_weights": {"encoder.w": torch.zeros(1)}}, weights)
     return {"raw": raw, "pre": pre, "res": res, "weights": weights, "tmp": tmp_path}
@@ -90,16 +79,6 @@ def write_all_summaries(res: Path, skip: tuple = ()) -> None:
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run the CLI in-process; return (exit status, stdout, stderr)."""
-    try:
-        status = main(args)
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return status or 0, out, err
 
 
 def base_args(nn, *extra: str) -> list[str]:

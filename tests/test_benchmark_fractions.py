@@ -15,9 +15,9 @@ import pytest
 
 from nnunet_hyspark.benchmark import folds as F
 from nnunet_hyspark.benchmark import fractions as FR
-from nnunet_hyspark.cli.benchmark import main
 from nnunet_hyspark.errors import HySparKError
-from nnunet_hyspark.planning import completeness
+from fakes import run_benchmark_cli as cli
+from fakes import write_fake_nnunet_tree
 
 DS = "Dataset001_Toy"
 PLANS, NNU_PLANS = "nnUNetHySparKPlans", "nnUNetPlans"
@@ -31,22 +31,9 @@ TWO_FOLDS = "".join(f"{c} {i % 2}\n" for i, c in enumerate(CASES))  # 5 train / 
 @pytest.fixture
 def nn(tmp_path, monkeypatch):
     """Raw + preprocessed dataset with two plans (both preprocessed), a results folder, the env vars."""
-    raw, pre, res = tmp_path / "raw", tmp_path / "preprocessed", tmp_path / "results"
-    dataset_json = {"labels": {"background": 0, "liver": 1, "tumor": 2}, "file_ending": ".nii.gz",
-                    "channel_names": {"0": "CT"}, "numTraining": len(CASES)}
-    (raw / DS / "imagesTr").mkdir(parents=True)
-    for c in CASES:
-        (raw / DS / "imagesTr" / f"{c}_0000.nii.gz").write_bytes(b"")
-    (raw / DS / "dataset.json").write_text(json.dumps(dataset_json))
-    (pre / DS).mkdir(parents=True)
-    (pre / DS / "dataset.json").write_text(json.dumps(dataset_json))
-    for plans in (PLANS, NNU_PLANS):
-        (pre / DS / f"{plans}.json").write_text(json.dumps({"plans_name": plans, "configurations": {CONF: {}}}))
-        (pre / DS / f"{plans}_{CONF}").mkdir()
-        completeness.write_marker(pre / DS / f"{plans}_{CONF}", len(CASES))
-    res.mkdir()
-    for k, v in (("nnUNet_raw", raw), ("nnUNet_preprocessed", pre), ("nnUNet_results", res)):
-        monkeypatch.setenv(k, str(v))
+    plans = {name: {"plans_name": name, "configurations": {CONF: {}}} for name in (PLANS, NNU_PLANS)}
+    tree = write_fake_nnunet_tree(tmp_path, DS, CASES, plans, CONF, monkeypatch)
+    pre, res = tree["pre"], tree["res"]
     splits = tmp_path / "folds.txt"
     splits.write_text(TWO_FOLDS)
     return {"pre": pre / DS, "res": res, "tmp": tmp_path, "splits": splits}
@@ -86,15 +73,6 @@ class FakeTrainer:
 def spec_for(nn, fractions=(0.5, 1.0), output=None, splits=True, folds=None):
     return F.build_spec("1", CONF, PLANS, ARMS, folds=folds, splits_file=str(nn["splits"]) if splits else None,
                         output=output, train_fractions=fractions)
-
-
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        status = main(args)
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return status or 0, out, err
 
 
 def read_csv(path: Path) -> list[dict]:
