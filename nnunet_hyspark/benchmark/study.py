@@ -16,6 +16,7 @@ logs in ``logs/``; ``study.json`` records the options, every command and its wal
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import sys
@@ -148,7 +149,12 @@ def run_study(opts: StudyOptions, force: bool = False, out: TextIO = sys.stdout)
     root = prepare_output(opts, force)
     (root / "splits.json").write_text(json.dumps(kfold_splits(case_ids(opts), opts.folds), indent=2) + "\n")
     steps_ = commands(opts, root)
-    steps = Steps(root, nnunet_environment(root, opts.workers), total=len(steps_), out=out)
+    env = nnunet_environment(root, opts.workers)
+    if "nnUNet_n_proc_DA" not in os.environ:
+        # augmentation in the training process: with the study trainers' fixed seed every run draws the
+        # same patches (worker processes draw their own)
+        env["nnUNet_n_proc_DA"] = "0"
+    steps = Steps(root, env, total=len(steps_), out=out)
     record = {"options": asdict(opts), "command": shlex.join(sys.argv), "machine": machine(), "steps": []}
     try:
         for title, args in steps_:
