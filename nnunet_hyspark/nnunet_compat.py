@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # typing only: importing nnU-Net / torch is slow
 
 __all__ = ["NNUNET_ENV_VARS", "require_nnunet_env", "dataset_name", "dataset_id", "preprocessed_dir", "plans_file",
            "plan_hint", "load_plans_manager", "check_configuration", "configuration", "configuration_dict", "data_identifier",
-           "TRAINER_LOOKUP_PACKAGE", "our_trainer_folder", "ext_trainer_value", "trainer_search_roots",
+           "TRAINER_LOOKUP_PACKAGE", "our_trainer_folder", "ext_trainer_value",
            "resolve_device", "PLANS_RTOL", "ALLOW_MISMATCH_ENV", "Preprocessing", "plans_compatibility_problems",
            "check_plans_compatible", "check_weights_fit_plans"]
 
@@ -184,18 +184,6 @@ def ext_trainer_value(existing: str | None = None) -> str:
     ours = our_trainer_folder()
     others = [p for p in (existing or "").split(os.pathsep) if p and os.path.abspath(p) != ours]
     return os.pathsep.join([ours, *others])
-
-
-def trainer_search_roots(env: Mapping[str, str]) -> list[Path]:
-    """The folders in which nnU-Net (``nnUNetv2_train -tr``) looks for a trainer class, given ``env``."""
-    import nnunetv2
-
-    roots = [Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"]
-    spec = importlib.util.find_spec("nnunet_hyspark.trainers")
-    if spec is not None and spec.origin:  # the lookup folder only re-exports these
-        roots.append(Path(spec.origin).parent)
-    roots += [Path(p) for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p.strip()]
-    return roots
 
 
 # ------------------------------------------------------------------------------------------ device
