@@ -11,8 +11,9 @@ Read top to bottom, this file is the whole method (``docs/methods.md``):
 
 ``reference=True`` runs the plain formulation of the published code (float masks multiplied in, the
 decoder in channels-first memory, nn.ConvTranspose3d); the default path computes the same function
-faster (channels-last 3D memory, bool masks, the 2x up-convolution as one matrix product) and is
-tested against it (float64: equal to ~1e-14). Measured per layer, forward + backward, 1 thread on a
+faster (channels-last 3D memory, bool masks, the 2x up-convolution as one matrix product or, on
+large maps, composed with the k3 conv after it into one convolution: ``layers/upsampling.py``) and is
+tested against it (float64: equal to ~1e-12). Measured per layer, forward + backward, 1 thread on a
 2-core AMD EPYC (AVX2): the decoder's k3 convs ~1.3x faster channels-last; the up-convolution 1.3x
 (384 ch at 6^3) to 2.8x (96 ch at 24^3) faster as a matrix product than oneDNN's transposed conv.
 The bool select, torch.cat of skips and the loss are each ~30 ms against seconds of convolutions.
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_hyspark.layers.upsampling import composition_pays, up_conv_2x, up_then_conv3
 from nnunet_hyspark.mae import masked_patch_mse, patchify, preview_images
 from nnunet_hyspark.masking import ENCODER_STRIDE, masks_per_scale, random_cell_mask
 from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
@@ -52,20 +54,10 @@ class UpStep(nn.Module):
             x = self.fuse(torch.cat([x, skip], dim=1))
         if reference:
             return self.up(x)
-        return self.up[1:](up_conv_2x(self.up[0], x))
-
-
-def up_conv_2x(conv: nn.ConvTranspose3d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for a kernel-2, stride-2 transposed conv, as one matrix product per input voxel (each
-    writes its own 2^3 output block) and one reordering copy; the output is channels-last 3D.
-    Why: oneDNN's transposed-conv backward is slow on CPUs, a plain GEMM is not."""
-    b, c, d, h, w = x.shape
-    out = conv.out_channels
-    weight = conv.weight.permute(0, 2, 3, 4, 1).reshape(c, 8 * out)  # (C_in, [a, b, c, C_out])
-    bias = conv.bias.repeat(8) if conv.bias is not None else None
-    y = F.linear(x.permute(0, 2, 3, 4, 1), weight.t(), bias)  # (B, D, H, W, 8 * C_out)
-    y = y.view(b, d, h, w, 2, 2, 2, out).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, 2 * d, 2 * h, 2 * w, out)
-    return y.permute(0, 4, 1, 2, 3)
+        up, conv = self.up[0], self.up[1]
+        if composition_pays(x, up, conv):  # up-conv and k3 conv as one conv (layers/upsampling.py)
+            return self.up[2:](up_then_conv3(up, conv, x))
+        return self.up[1:](up_conv_2x(up, x))
 
 
 class LightDecoder(nn.Module):
