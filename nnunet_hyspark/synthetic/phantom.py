@@ -145,8 +145,11 @@ def _sample_anatomy(rng: np.random.Generator) -> dict:
             waves=Waves.sample(rng, 2, (12, 30), _u(rng, 0.04, 0.1))))
     a["kidneys"] = kidneys
     a["kidney_cortex"] = _u(rng, 0.55, 0.7)  # implicit-function level where the cortex starts
-    a["hu_medulla"] = _u(rng, 25, 35)
-    a["hu_cortex_kidney"] = _u(rng, 80, 120)
+    # contrast phase, as the vessels: kidneys enhance more than any other organ (cortex ~150-200 HU, the
+    # medulla less), which is what sets them apart on contrast CT; unenhanced (~30 HU medulla, mean ~ the
+    # liver's) a small network did not find them within the demo's schedule
+    a["hu_medulla"] = _u(rng, 90, 120)
+    a["hu_cortex_kidney"] = _u(rng, 150, 190)
     # image formation
     a["blur_mm"] = _u(rng, 0.4, 0.7)
     a["noise_hu"] = _u(rng, 10, 20)
