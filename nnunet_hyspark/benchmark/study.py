@@ -35,7 +35,7 @@ STUDY_FILE = "study.json"
 
 @dataclass(frozen=True)
 class StudyOptions:
-    """What the study runs; the defaults are the documented study (55 minutes measured on 2 CPU cores)."""
+    """What the study runs; the defaults are the documented study (46 minutes measured on 2 CPU cores)."""
 
     output: str = "study_output"
     labelled_id: int = 981

@@ -3,7 +3,7 @@
 Synthesises a labelled CT dataset and an unlabeled collection 4x larger, pre-trains HySparK on both,
 then trains nnU-Net's own network, HySparK from scratch and HySparK fine-tuned at two label fractions
 over a 3-fold split with ``hyspark_benchmark folds`` and writes the tables and figures with
-``hyspark_benchmark summarize``. About 55 minutes on 2 CPU cores (measured); ``--smoke`` runs the same pipeline in
+``hyspark_benchmark summarize``. About 46 minutes on 2 CPU cores (measured); ``--smoke`` runs the same pipeline in
 a few minutes (few cases, one fold, 3 iterations per training) to check that it works, not what it finds.
 """
 from __future__ import annotations
