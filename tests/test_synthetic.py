@@ -66,11 +66,10 @@ def test_hu_statistics(case0):
         assert m.mean() > 0.002, name
         assert body[m].all(), name
     assert 40 < float(img[lab == 1].mean()) < 80  # liver
-    assert 35 < float(img[lab == 2].mean()) < 70  # spleen
-    # contrast-enhanced kidneys stand out from the liver (unenhanced, their mean HU equalled the liver's
-    # and the demo's network did not find them)
-    assert float(img[lab == 3].mean()) > float(img[lab == 1].mean()) + 40
-    assert (img > 300).sum() > 200  # bone (spine, ribs)
+    # each organ in an HU band of its own (closer bands: the demo's network missed or merged organs)
+    hu = {name: float(img[lab == value].mean()) for name, value in LABELS.items()}
+    assert hu["spleen"] > hu["liver"] + 30 and hu["kidneys"] > hu["spleen"] + 60
+    assert (img > 450).sum() > 200  # bone (spine, ribs; the aorta is ~350)
     assert (img[body] < -700).sum() > 100  # lungs at the top
     assert set(np.unique(lab)) == {0, 1, 2, 3}
 

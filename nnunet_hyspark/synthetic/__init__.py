@@ -7,8 +7,9 @@ science. Each case is a small "abdomen" in Hounsfield units:
   deformed, its size varying a little along z) with subcutaneous fat (~-100), a
   thin muscular wall (~45) and an abdominal cavity filled with soft tissue (~35)
   with fat blobs, a few bowel-gas bubbles and a stomach with a fluid level;
-* liver (~60), spleen (~50), two contrast-enhanced kidneys (medulla ~105, cortex ~170),
-  contrast-filled aorta (~150) and inferior vena cava, psoas and paraspinal muscles;
+* in a contrast phase simplified so that each organ has an HU band of its own: liver
+  (~60), spleen (~115), two kidneys (medulla ~160, cortex ~215), contrast-filled aorta
+  (~350) and inferior vena cava (~100); psoas and paraspinal muscles;
 * bone: a segmented spine (cancellous ~250, cortex ~800, discs, spinal canal,
   posterior arch, spinous process) and ribs around the upper abdomen;
 * lungs (~-850) above a domed diaphragm at the top of the volume, with a heart;
