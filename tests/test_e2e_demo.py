@@ -5,6 +5,7 @@ import os
 import pytest
 
 from conftest import run_cmd
+from nnunet_hyspark.cli.demo import LABELLED
 
 pytestmark = pytest.mark.e2e
 MIN_DICE = 0.5  # what a newcomer would believe; the demo reached 0.90-0.98 for every organ in our runs
@@ -16,7 +17,7 @@ def test_demo_reaches_dice_above_one_half_for_every_organ(tmp_path):
     env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")  # in-process augmentation, as the rest of the suite
     proc = run_cmd(["hyspark_demo", "-o", str(out)], env, timeout=3600)
     summary = json.loads((out / "predictions" / "summary.json").read_text())
-    labels = json.loads(next((out / "nnUNet_raw").glob("Dataset991_*/dataset.json")).read_text())["labels"]
+    labels = json.loads(next((out / "nnUNet_raw").glob(f"Dataset{LABELLED}_*/dataset.json")).read_text())["labels"]
     dice = {name: summary["mean"][str(value)]["Dice"] for name, value in labels.items() if value != 0}
     print(dice)
     assert set(dice) == {"liver", "spleen", "kidneys"}
