@@ -298,23 +298,24 @@ def test_scheduler_signals_finish_the_step_and_save(tmp_path, sig):
 
 def test_sigterm_to_a_real_run_saves_and_continue_finishes_it(fake_env, tmp_path, capsys):
     out = tmp_path / "run"
-    long = ["--epochs", "1", "--iterations", "25", "--save-every", "5"]  # no checkpoint but the one SIGTERM writes
+    steps = 200  # the ETA line comes after 7 steps: ~190 steps left for the signal to land mid-run
+    long = ["--epochs", "1", "--iterations", str(steps), "--save-every", "5"]  # no checkpoint but SIGTERM's
     proc = start_run(fake_env, out, *long)
     try:
-        _wait_for(out / "training_log.txt", "pre-training hyspark", proc)
-        time.sleep(2)
+        # signal once steps have run (a fixed sleep raced: on a quiet machine 25 steps ended within it)
+        _wait_for(out / "training_log.txt", "ETA from this run's first steps", proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
     step = step_of(out / "checkpoint_latest.pth")
-    assert 1 <= step < 25 and not (out / "encoder_weights.pth").exists()
+    assert 1 <= step < steps and not (out / "encoder_weights.pth").exists()
     assert f"interrupted by SIGTERM at step {step}" in (out / "training_log.txt").read_text()
     assert not (out / ".hyspark-run.lock").exists()
     code, err = pretrain([*ARGS, "-o", str(out), "--c", *long], capsys)
     assert code == 0, err
-    assert step_of(out / "checkpoint_final.pth") == 25 and (out / "encoder_weights.pth").is_file()
+    assert step_of(out / "checkpoint_final.pth") == steps and (out / "encoder_weights.pth").is_file()
 
 
 # ------------------------------------------------------------------ 9: unwritable output, before any data
