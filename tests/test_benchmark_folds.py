@@ -426,6 +426,14 @@ def test_training_env_puts_trainer_folder_on_ext_trainer():
     assert F.training_env({})["nnUNet_extTrainer"] == ours
 
 
+def test_training_env_keeps_freed_memory_unless_the_user_set_malloc():
+    from nnunet_hyspark.allocator import REUSE_ENVIRONMENT
+
+    env = F.training_env({"PATH": "/bin"})
+    assert {k: env[k] for k in REUSE_ENVIRONMENT} == REUSE_ENVIRONMENT
+    assert F.training_env({"MALLOC_MMAP_MAX_": "65536"})["MALLOC_MMAP_MAX_"] == "65536"
+
+
 def test_custom_splits_installed_then_resumed_and_summarize_uses_manifest(nn, capsys):
     splits_file = nn["tmp"] / "folds.txt"
     splits_file.write_text("case_000 0\ncase_001 0\ncase_002 0\ncase_003 1\ncase_004 1\ncase_005 1\n")

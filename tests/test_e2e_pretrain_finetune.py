@@ -24,7 +24,9 @@ def test_pretrain_then_finetune_through_the_real_commands(synthetic_ct, tmp_path
     assert sidecar["method"] == "hyspark" and sidecar["plans_name"] == PLANS
     assert sidecar["normalization_schemes"] == ["CTNormalization"] and len(sidecar["patch_size"]) == 3
     assert len(json.loads((out / "progress.json").read_text())["train_loss"]) == 2
-    assert "sparse backend blocks" in (out / "training_log.txt").read_text()  # auto: the measured-faster CPU path
+    log = (out / "training_log.txt").read_text()
+    assert "sparse backend blocks" in log  # auto: the measured-faster CPU path
+    assert "memory allocator: freed memory kept for reuse" in log  # --malloc reuse, the default
 
     # a second run into the same folder is refused: continue with --c or start over with --force
     again = run_cmd(["hyspark_pretrain", "-d", d, u, "--epochs", "2", "--iterations", "2", "-o", str(out),

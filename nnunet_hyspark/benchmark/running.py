@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 from nnunet_hyspark import nnunet_compat as compat
+from nnunet_hyspark.allocator import DEFAULT_MALLOC, reuse_environment
 from nnunet_hyspark.benchmark.arms import Arm
 from nnunet_hyspark.benchmark.fractions import DEFAULT_FRACTIONS, FoldEntry, format_fraction
 from nnunet_hyspark.benchmark.manifest import Manifest, now
@@ -115,9 +116,10 @@ def training_env(base: dict[str, str] | None = None, gpu: str | None = None) -> 
     """Subprocess environment: our trainers on nnUNet_extTrainer, and the fold's GPU if assigned.
 
     nnUNet_extTrainer is a path list; like ``hyspark_env`` we put our folder first and keep
-    the user's folders, so both kinds of trainers are found.
+    the user's folders, so both kinds of trainers are found. glibc's ``MALLOC_*`` variables of
+    ``--malloc reuse`` unless already set (``MALLOC_MMAP_MAX_=65536`` restores glibc's default).
     """
-    env = dict(os.environ if base is None else base)
+    env = reuse_environment(DEFAULT_MALLOC, os.environ if base is None else base)  # nnunet_hyspark.allocator
     env["nnUNet_extTrainer"] = compat.ext_trainer_value(env.get("nnUNet_extTrainer"))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from nnunet_hyspark.allocator import DEFAULT_MALLOC, apply_malloc_mode
 from nnunet_hyspark.hardware import cpu_info
 from nnunet_hyspark.io import atomic_json_save, atomic_path
 from nnunet_hyspark.sparse.benchmark import (AUTOCAST_DTYPES, as_patch3, current_rss_bytes, parse_widths,
@@ -32,12 +33,13 @@ REFERENCE = "reference"  # a backend name here only: the published formulation o
 
 def _time_pretrain_step(backend: str, batch: int, patch, widths, mask_ratio: float, steps: int, warmup: int,
                         device: str, dtype: str, num_threads: int | None, seed: int,
-                        compile_decoder: bool = False) -> dict:
+                        compile_decoder: bool = False, malloc: str = DEFAULT_MALLOC) -> dict:
     """Median time of a full HySparK step (encoder + densify + light decoder + loss + AdamW); ``backend``
     ``reference`` is the published formulation (dense backend, ``HySparK(reference=True)``)."""
     from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
     from nnunet_hyspark.methods.hyspark.model import HySparK
 
+    apply_malloc_mode(malloc)  # a spawned process starts with the C library's defaults
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
@@ -82,11 +84,12 @@ def _time_pretrain_step(backend: str, batch: int, patch, widths, mask_ratio: flo
 
 def time_pretrain_step(backend: str, batch: int = 2, patch=96, widths="base", mask_ratio: float = 0.75,
                        steps: int = 3, warmup: int = 1, device: str = "cpu", dtype: str = "fp32",
-                       num_threads: int | None = None, seed: int = 0, compile_decoder: bool = False) -> dict:
+                       num_threads: int | None = None, seed: int = 0, compile_decoder: bool = False,
+                       malloc: str = DEFAULT_MALLOC) -> dict:
     """Like :func:`nnunet_hyspark.sparse.benchmark.time_encoder`, for the whole pre-training step; on the CPU
     in a fresh process so that the peak resident memory is this measurement's alone."""
     args = (backend, batch, patch, widths, mask_ratio, steps, warmup, device, dtype, num_threads, seed,
-            compile_decoder)
+            compile_decoder, malloc)
     if torch.device(device).type != "cpu":
         return _time_pretrain_step(*args)
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -112,6 +115,7 @@ class SpeedOptions:
     plans: str = "nnUNetHySparKPlans"
     output: str = "speed_benchmark"  # folder for speed.json and speed.md
     compile: bool = False  # torch.compile the decoder (inductor) in the pretrain rows
+    malloc: str = DEFAULT_MALLOC  # every row, this process and the timing processes (nnunet_hyspark.allocator)
 
     @property
     def batches(self) -> tuple[int, ...]:
@@ -121,7 +125,7 @@ class SpeedOptions:
 def _markdown(header: dict, rows: list[dict], headline: list[str]) -> str:
     lines = ["# hyspark_benchmark speed", "",
              f"device: {header['device']} ({header['device_name']}), torch threads: {header['threads']}, "
-             f"torch {header['torch']}"]
+             f"torch {header['torch']}, --malloc {header['malloc']} (every row)"]
     if not rows:  # data pipeline only
         return "\n".join(lines) + "\n"
     lines += [f"step timings: patch {header['patch']}, widths {header['widths']}, mask ratio {header['mask_ratio']}; "
@@ -191,7 +195,7 @@ def _time_rows(args: SpeedOptions, patch: tuple[int, ...]) -> list[dict]:
                 for backend in args.backends:
                     common = dict(batch=batch, patch=patch, widths=args.widths, mask_ratio=args.mask_ratio,
                                   steps=args.steps, warmup=args.warmup, device=args.device, dtype=precision,
-                                  num_threads=args.threads)
+                                  num_threads=args.threads, malloc=args.malloc)
                     if what == "encoder":  # the encoder of the reference is the dense backend's
                         r = time_encoder("dense" if backend == REFERENCE else backend, **common)
                     else:
@@ -217,6 +221,7 @@ def run(args: SpeedOptions) -> Path:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     resolve_device(args.device)
+    malloc_note = apply_malloc_mode(args.malloc)  # this process: the fine-tuning rows
     _check(args)
     patch = tuple(args.patch) * 3 if len(args.patch) == 1 else tuple(args.patch)
     cpu = cpu_info()
@@ -224,8 +229,8 @@ def run(args: SpeedOptions) -> Path:
               "device_name": _device_name(args.device), "cpu": cpu.model, "cpu_amx_bf16": cpu.amx_bf16,
               "cpu_avx512_bf16": cpu.avx512_bf16, "precision": list(args.precision), "batch": list(args.batches),
               "patch": list(patch), "widths": args.widths, "mask_ratio": args.mask_ratio, "torch": torch.__version__,
-              "compile": args.compile}
-    print(f"device: {args.device} ({header['device_name']})", flush=True)
+              "compile": args.compile, "malloc": args.malloc}
+    print(f"device: {args.device} ({header['device_name']}); {malloc_note}", flush=True)
     rows = _time_rows(args, patch)
     result = {"header": header, "rows": rows, "headline": headline(rows)}
     if "finetune" in args.what:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, TextIO
 
+from nnunet_hyspark.allocator import DEFAULT_MALLOC, reuse_environment
 from nnunet_hyspark.errors import HySparKError
 
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -28,6 +29,8 @@ def nnunet_environment(root: Path, workers: int = 2) -> dict[str, str]:
 
     The interpreter's folder goes first on PATH so the console scripts of this installation run.
     ``workers``: nnU-Net's data-augmentation and preprocessing processes unless already set.
+    glibc's ``MALLOC_*`` variables of ``--malloc reuse`` unless already set (``MALLOC_MMAP_MAX_=65536``
+    restores glibc's default).
     """
     env = dict(os.environ)
     for name in NNUNET_FOLDERS:
@@ -40,7 +43,7 @@ def nnunet_environment(root: Path, workers: int = 2) -> dict[str, str]:
                nnUNet_extTrainer=ext_trainer_value(env.get("nnUNet_extTrainer")))
     env.setdefault("nnUNet_n_proc_DA", str(workers))
     env.setdefault("nnUNet_def_n_proc", str(workers))
-    return env
+    return reuse_environment(DEFAULT_MALLOC, env)  # faster CPU steps (nnunet_hyspark.allocator)
 
 
 @dataclass

@@ -168,6 +168,9 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", dest="dataset", default=d.dataset, help="preprocessed dataset for --what data")
     parser.add_argument("-p", dest="plans", default=d.plans)
     parser.add_argument("--output", default=d.output, help="folder for speed.json and speed.md")
+    parser.add_argument("--malloc", default=d.malloc, choices=["reuse", "system"],
+                        help="memory allocator of every row: reuse = keep freed memory for the next step (glibc: mmap "
+                             "and trimming off), system = the C library's defaults; run both to see what it buys")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decoder (inductor) in the pretrain rows; off by default (compiling takes "
                              "minutes on a CPU; not measured faster yet)")

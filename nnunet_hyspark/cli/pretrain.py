@@ -9,6 +9,7 @@ import argparse
 import sys
 from dataclasses import asdict, fields
 
+from nnunet_hyspark.allocator import MALLOC_MODES
 from nnunet_hyspark.errors import cli_entry
 from nnunet_hyspark.methods import METHODS, MethodSpec
 from nnunet_hyspark.methods.data_recipe import SAMPLERS
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(project's own block-sparse), spconv (CUDA only); auto = blocks on CPU (measured "
                         "faster), dense on CUDA (blocks not yet measured there)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--malloc", default=_DEFAULTS.malloc, choices=MALLOC_MODES,
+                   help="reuse = keep freed memory for the next step (glibc: mmap and trimming off): measured 1.2-2.2x "
+                        "faster CPU steps, more resident memory; system = the C library's defaults")
     p.add_argument("--decoder-width", type=int, default=None, help="default: 2 x the ViT width (768); MiM: 1.5 x (576)")
     p.add_argument("--fuse-full-resolution", action="store_true",
                    help="also fuse the full-resolution skip in the decoder (the reference does not)")

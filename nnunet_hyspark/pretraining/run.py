@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nnunet_hyspark import nnunet_compat as compat
+from nnunet_hyspark.allocator import DEFAULT_MALLOC, apply_malloc_mode
 from nnunet_hyspark.errors import HySparKError
 from nnunet_hyspark.methods import MethodSpec, ModelOptions, get_method, method_for_network
 from nnunet_hyspark.methods.data_recipe import DataRecipe
@@ -71,6 +72,7 @@ class PretrainOptions:
     precision: str = _LOOP.precision  # or "auto": resolve_precision
     sparse_backend: str = "auto"  # auto | dense | blocks | spconv
     compile: bool = False
+    malloc: str = DEFAULT_MALLOC  # reuse | system (nnunet_hyspark.allocator)
     decoder_width: int | None = None
     fuse_full_resolution: bool = False
     init_from: str | None = None
@@ -256,6 +258,7 @@ def pretrain(opts: PretrainOptions) -> "Path | CostEstimate | None":
     recipe.check()
     device = compat.resolve_device(opts.device)
     opts, precision_notes = resolve_precision(opts, device.type)
+    precision_notes.append(apply_malloc_mode(opts.malloc))  # before the model and the loaders allocate
     backend = _resolve_sparse_backend(opts.sparse_backend, device)
     opts = replace(opts, sparse_backend=backend.name)
     dist = DistContext.from_environment(device.type)

@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from nnunet_hyspark.allocator import DEFAULT_MALLOC, apply_malloc_mode
+
 WIDTH_PRESETS = {
     "base": (32, 64, 128, 256, 384),  # the HySparK defaults
     "tiny": (8, 16, 16, 24, 24),  # for smoke tests
@@ -45,11 +47,12 @@ def current_rss_bytes() -> int:
 
 def _time_in_process(backend: str, batch: int, patch, widths, mask_ratio: float, steps: int, warmup: int,
                      device: str, dtype: str, num_threads: int | None, seed: int,
-                     backend_options: dict | None) -> dict:
+                     backend_options: dict | None, malloc: str = DEFAULT_MALLOC) -> dict:
     from nnunet_hyspark.masking import random_cell_mask
     from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
     from nnunet_hyspark.sparse import get_backend
 
+    apply_malloc_mode(malloc)  # a spawned process starts with the C library's defaults
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
@@ -99,7 +102,8 @@ def _time_in_process(backend: str, batch: int, patch, widths, mask_ratio: float,
 def time_encoder(backend: str, batch: int = 2, patch: int | Sequence[int] = 96,
                  widths: str | Sequence[int] = "base", mask_ratio: float = 0.75, steps: int = 5,
                  warmup: int = 2, device: str = "cpu", dtype: str = "fp32", num_threads: int | None = None,
-                 seed: int = 0, backend_options: dict | None = None, isolate: bool | None = None) -> dict:
+                 seed: int = 0, backend_options: dict | None = None, isolate: bool | None = None,
+                 malloc: str = DEFAULT_MALLOC) -> dict:
     """Median wall time of one training step of the masked encoder alone (forward, backward, AdamW).
 
     ``dtype``: 'fp32', or 'bf16' / 'fp16' autocast. ``backend_options`` configure the backend
@@ -113,7 +117,7 @@ def time_encoder(backend: str, batch: int = 2, patch: int | Sequence[int] = 96,
     if dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(AUTOCAST_DTYPES)}, got {dtype!r}")
     args = (backend, batch, patch, widths, mask_ratio, steps, warmup, device, dtype, num_threads, seed,
-            backend_options)
+            backend_options, malloc)
     if isolate is None:
         isolate = torch.device(device).type == "cpu"
     if not isolate:
