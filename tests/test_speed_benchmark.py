@@ -108,9 +108,9 @@ def test_finetune_row_is_written_beside_the_pretraining_table(tmp_path, monkeypa
         asked["options"] = options
         common = {"patch": list(options.patch), "batch": options.batch, "threads": 1, "step": "SGD step"}
         return [{"network": "PlainConvUNet", "params": 2e6, "median_s": 1.0, "samples_per_s": 2.0,
-                 "ratio_vs_nnunet": 1.0, **common},
+                 "ratio_vs_nnunet": 1.0, "gflop": 100.0, "flop_ratio_vs_nnunet": 1.0, **common},
                 {"network": "HySparKUNet", "params": 3e6, "median_s": 2.5, "samples_per_s": 0.8,
-                 "ratio_vs_nnunet": 2.5, **common}]
+                 "ratio_vs_nnunet": 2.5, "gflop": 190.0, "flop_ratio_vs_nnunet": 1.9, **common}]
 
     monkeypatch.setattr(speed_finetune, "finetune_rows", fake_rows)
     assert main(["speed", "--what", "finetune", "--widths", "tiny", "--patch", "32", "--batch", "2",
@@ -119,7 +119,7 @@ def test_finetune_row_is_written_beside_the_pretraining_table(tmp_path, monkeypa
     assert asked["options"].widths == "tiny"
     result = json.loads((tmp_path / "speed.json").read_text())
     assert [r["network"] for r in result["finetune"]] == ["PlainConvUNet", "HySparKUNet"]
-    assert "| HySparKUNet | 3.0 M | 2.500 | 0.800 | 2.50x |" in (tmp_path / "speed.md").read_text()
+    assert "| HySparKUNet | 3.0 M | 2.500 | 0.800 | 2.50x | 190 | 1.90x |" in (tmp_path / "speed.md").read_text()
 
 
 def test_finetune_row_refuses_custom_widths_before_timing_anything(tmp_path, capsys):

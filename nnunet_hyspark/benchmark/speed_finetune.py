@@ -160,6 +160,15 @@ class TrainingStep:
         self.x = x
         self.params = sum(p.numel() for p in network.parameters())
 
+    def counted(self) -> float:
+        """One step under torch's FLOP counter (convolutions and matrix products, forward and backward);
+        returns its GFLOP. Element-wise work (norms, activations, copies) is not counted."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            self()
+        return counter.get_total_flops() / 1e9
+
     def __call__(self) -> float:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -170,22 +179,29 @@ class TrainingStep:
         return time.perf_counter() - start
 
 
-def _interleaved_times(steps: dict[str, TrainingStep], warmup: int, timed: int) -> dict[str, list[float]]:
-    """Alternate the networks step by step so that load on a shared CPU hits both alike."""
+def _interleaved_times(steps: dict[str, TrainingStep], warmup: int,
+                       timed: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Step times per network, alternating the networks step by step so that load on a shared CPU hits
+    both alike, and GFLOP per step: each network's first warm-up step runs under the FLOP counter (an
+    extra untimed step when ``warmup`` is 0)."""
+    gflop = {name: step.counted() for name, step in steps.items()}
+    untimed = max(warmup - 1, 0)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(warmup + timed):
+    for i in range(untimed + timed):
         for name, step in steps.items():
             t = step()
-            if i >= warmup:
+            if i >= untimed:
                 times[name].append(t)
-    return times
+    return times, gflop
 
 
 def finetune_rows(options: FinetuneSpeedOptions = FinetuneSpeedOptions()) -> list[dict]:
     """Time HySparKUNet and nnU-Net's default network at one patch: one row each, nnU-Net's first.
 
     Each row: network, class, params, median_s, samples_per_s, times_s, ratio_vs_nnunet (step time over
-    nnU-Net's), patch, batch, threads, step (what one step is)."""
+    nnU-Net's), gflop (convolutions and matrix products of one step, forward and backward) and
+    flop_ratio_vs_nnunet (what the time ratio would be if both ran them equally fast), patch, batch,
+    threads, step (what one step is)."""
     patch = tuple(int(p) for p in options.patch)
     archs = {NNUNET_LABEL: nnunet_default_architecture(patch, options.spacing, options.in_channels,
                                                        options.num_classes),
@@ -199,7 +215,7 @@ def finetune_rows(options: FinetuneSpeedOptions = FinetuneSpeedOptions()) -> lis
         labels = torch.randint(0, options.num_classes, (options.batch, 1, *patch)).float()
         steps = {name: TrainingStep(build_network(a, options.in_channels, options.num_classes), x, labels)
                  for name, a in archs.items()}
-        times = _interleaved_times(steps, options.warmup, options.steps)
+        times, gflop = _interleaved_times(steps, options.warmup, options.steps)
         used_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads)
@@ -209,7 +225,8 @@ def finetune_rows(options: FinetuneSpeedOptions = FinetuneSpeedOptions()) -> lis
         median = statistics.median(times[name])
         rows.append({"what": "finetune", "network": name, "class": archs[name]["network_class_name"],
                      "params": step.params, "median_s": median, "samples_per_s": options.batch / median,
-                     "times_s": times[name], "ratio_vs_nnunet": median / base, "patch": list(patch),
+                     "times_s": times[name], "ratio_vs_nnunet": median / base, "gflop": gflop[name],
+                     "flop_ratio_vs_nnunet": gflop[name] / gflop[NNUNET_LABEL], "patch": list(patch),
                      "batch": options.batch, "widths": options.widths, "threads": used_threads,
                      "step": STEP_DESCRIPTION, "options": asdict(options)})
     return rows
@@ -222,8 +239,12 @@ def finetune_markdown(rows: list[dict]) -> str:
     r0 = rows[0]
     lines = [f"fine-tuning step (patch {'x'.join(map(str, r0['patch']))}, batch {r0['batch']}, fp32, "
              f"{r0['threads']} threads; {r0['step']}):", "",
-             "| network | parameters | median step s | samples/s | time vs nnU-Net |", "|---|---|---|---|---|"]
+             "| network | parameters | median step s | samples/s | time vs nnU-Net | GFLOP/step | FLOPs vs nnU-Net |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['network']} | {r['params'] / 1e6:.1f} M | {r['median_s']:.3f} | "
-                     f"{r['samples_per_s']:.3f} | {r['ratio_vs_nnunet']:.2f}x |")
+                     f"{r['samples_per_s']:.3f} | {r['ratio_vs_nnunet']:.2f}x | {r['gflop']:.0f} | "
+                     f"{r['flop_ratio_vs_nnunet']:.2f}x |")
+    lines += ["", "GFLOP/step: convolutions and matrix products, forward and backward (torch's FLOP counter); "
+                  "the FLOP ratio is what the time ratio would be if both networks ran them equally fast"]
     return "\n".join(lines) + "\n"
