@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_hyspark.layers.blocks import MedNeXtBlock, MedNeXtUpBlock, _pad_low_end
-from nnunet_hyspark.layers.depthwise import depthwise_conv3d
+from nnunet_hyspark.layers.blocks import MedNeXtBlock, MedNeXtUpBlock
+from nnunet_hyspark.layers.depthwise import depthwise_conv3d, depthwise_up2
 from nnunet_hyspark.methods.hyspark.network import HySparKUNet
 
 TINY = dict(widths=(8, 16, 16, 24, 48), depths=(1, 1, 2, 1, 1), expansions=(2, 2, 4, 2, 2), vit_depth=1,
@@ -25,7 +25,13 @@ class ReferenceMedNeXtBlock(MedNeXtBlock):
         return x + self.conv3(self.act(self.conv2(self.norm(self.conv1(x)))))
 
 
+def _pad_low_end(x: torch.Tensor) -> torch.Tensor:
+    return F.pad(x, (1, 0, 1, 0, 1, 0))
+
+
 class ReferenceMedNeXtUpBlock(MedNeXtUpBlock):
+    """Native transposed convs, padded, summed (before depthwise_up2 and add_up_residual)."""
+
     def forward(self, x):
         y = self.conv3(self.act(self.conv2(self.norm(_pad_low_end(self.conv1(x))))))
         return y + _pad_low_end(self.res_conv(x))
@@ -104,6 +110,27 @@ def test_depthwise_conv3d_falls_back_where_the_fast_path_does_not_apply():
     _assert_same(_grads(conv, x, lambda t: depthwise_conv3d(t, conv)), _grads(conv, x, conv))
 
 
+@pytest.mark.parametrize("shape,bias,channels_last", [((2, 5, 4, 3, 5), True, False), ((1, 3, 2, 2, 1), False, True),
+                                                     ((2, 4, 1, 3, 2), True, True)])
+def test_depthwise_up2_matches_native_transposed_conv_then_pad(shape, bias, channels_last):
+    torch.manual_seed(0)
+    c = shape[1]
+    conv = nn.ConvTranspose3d(c, c, 3, stride=2, padding=1, groups=c, bias=bias).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    fast = _grads(conv, x, lambda t: depthwise_up2(t, conv))
+    native = _grads(conv, x, lambda t: _pad_low_end(conv(t)))
+    assert fast[0][0].shape == (shape[0], c, *(2 * n for n in shape[2:]))
+    _assert_same(fast, native, rtol=1e-10, atol=1e-12)
+
+
+def test_depthwise_up2_falls_back_where_it_does_not_apply():
+    conv = nn.ConvTranspose3d(4, 4, 2, stride=2, groups=4)  # not the k3, padding-1 up-convolution
+    x = torch.randn(1, 4, 3, 3, 3)
+    _assert_same(_grads(conv, x, lambda t: depthwise_up2(t, conv)), _grads(conv, x, lambda t: _pad_low_end(conv(t))))
+
+
 @pytest.mark.parametrize("channels,expansion", [(8, 2), (12, 4)])
 def test_mednext_block_matches_previous_formulation(channels, expansion):
     torch.manual_seed(0)
@@ -118,6 +145,8 @@ def test_mednext_block_matches_previous_formulation(channels, expansion):
 def test_mednext_up_block_matches_previous_formulation():
     torch.manual_seed(0)
     block = MedNeXtUpBlock(8, 4)
+    for p in block.parameters():  # non-zero biases, so that the bias of every path counts
+        nn.init.normal_(p, std=0.5)
     x = torch.randn(2, 8, 3, 4, 3)
     new = _grads(block, x, block)
     y = block(x)
@@ -167,8 +196,13 @@ def test_finetune_rows_time_both_networks_at_a_tiny_patch():
     for r in rows:
         assert r["params"] > 0 and r["median_s"] > 0 and len(r["times_s"]) == 1 and r["threads"] == 1
     assert rows[1]["ratio_vs_nnunet"] == pytest.approx(rows[1]["median_s"] / rows[0]["median_s"])
+    # FLOPs of one step: at least the forward pass's convolutions, whose count is known in closed form
+    first_conv = 2 * 32 ** 3 * 27 * 1 * 32 / 1e9  # PlainConvUNet's stem: 1 -> 32 channels, 3x3x3, at 32^3
+    assert rows[0]["gflop"] > first_conv and rows[1]["gflop"] > 0
+    assert rows[1]["flop_ratio_vs_nnunet"] == pytest.approx(rows[1]["gflop"] / rows[0]["gflop"])
     table = finetune_markdown(rows)
     assert "HySparKUNet" in table and "PlainConvUNet" in table
+    assert f"| {rows[1]['flop_ratio_vs_nnunet']:.2f}x |" in table
 
 
 def test_nnunet_architecture_comes_from_nnunets_planner():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_hyspark.layers.depthwise import depthwise_conv3d
+from nnunet_hyspark.layers.depthwise import depthwise_conv3d, depthwise_up2
 
 
 class ChannelLayerNorm(nn.Module):
@@ -53,11 +53,6 @@ class MedNeXtBlock(nn.Module):
         return x + pointwise_mlp(depthwise_conv3d(x, self.conv1), self.norm, self.conv2, self.act, self.conv3)
 
 
-def _pad_low_end(x: torch.Tensor) -> torch.Tensor:
-    """Pad one voxel at the low end of each spatial axis: (2n - 1) -> 2n after a stride-2 transposed conv."""
-    return F.pad(x, (1, 0, 1, 0, 1, 0))
-
-
 class MedNeXtUpBlock(nn.Module):
     """MedNeXt block whose depthwise conv is a stride-2 transposed conv; doubles the resolution."""
 
@@ -71,8 +66,21 @@ class MedNeXtUpBlock(nn.Module):
         self.res_conv = nn.ConvTranspose3d(in_channels, out_channels, 1, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = pointwise_mlp(_pad_low_end(self.conv1(x)), self.norm, self.conv2, self.act, self.conv3)
-        return _pad_low_end(self.res_conv(x)) + y
+        y = pointwise_mlp(depthwise_up2(x, self.conv1), self.norm, self.conv2, self.act, self.conv3)
+        return add_up_residual(y, x, self.res_conv)
+
+
+def add_up_residual(y: torch.Tensor, x: torch.Tensor, res_conv: nn.ConvTranspose3d) -> torch.Tensor:
+    """``y + pad_low(res_conv(x))`` for a 1x1x1, stride-2 transposed conv, added into ``y`` in place. Why: that
+    conv writes ``W x[i] + b`` at output ``2i``, only its bias between, and the pad shifts all by one voxel, so
+    the sum is ``y + b`` everywhere but the low padding planes, plus ``W x`` at the odd voxels: one small
+    matrix product at the input's resolution instead of a full-resolution transposed conv, pad and sum."""
+    out = y.movedim(1, -1)  # (B, X, Y, Z, C); contiguous where y is channels-last
+    weight = res_conv.weight.flatten(1).t()  # (C_out, C_in)
+    if res_conv.bias is not None:
+        out[:, 1:, 1:, 1:] += res_conv.bias
+    out[:, 1::2, 1::2, 1::2] += F.linear(x.movedim(1, -1), weight)
+    return out.movedim(-1, 1)
 
 
 class ResBlock(nn.Module):
