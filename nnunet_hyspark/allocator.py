@@ -3,12 +3,13 @@
 Why: glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
 gives the pages back to the kernel on ``free``. A 3D training step on the CPU allocates and frees maps of
 hundreds of MiB dozens of times, so every one of them is page-faulted in and zeroed by the kernel again,
-step after step (in a virtual machine each fault costs more still). With mmap off and trimming off, freed
-blocks stay in the heap and the next step reuses them. Measured in one run each (``hyspark_benchmark speed
---what finetune --batch 2 --patch 64 --steps 3 --threads 2``, 2-core AMD EPYC, AVX2, no AMX): HySparKUNet
-30.1 s -> 13.7 s per step, nnU-Net's PlainConvUNet 7.8 s -> 6.3 s; peak resident memory 6.7 -> 8.5 GB
-(freed memory is kept, not returned). PyTorch's CPU performance guide recommends the same for the same
-reason (there: by preloading jemalloc or tcmalloc).
+step after step (in a virtual machine each fault costs more still): 1.15 million faults in one fine-tuning
+step of HySparKUNet at 64^3. With mmap off and trimming off, freed blocks stay in the heap and the next
+step reuses them: none in the steady state. Measured in one run each (``hyspark_benchmark speed --what
+finetune --batch 2 --patch 64 --steps 3 --threads 2``, 2-core AMD EPYC, AVX2, no AMX, the setting given
+through the environment): HySparKUNet 30.1 s -> 13.7 s per step, nnU-Net's PlainConvUNet 7.8 s -> 6.3 s;
+peak resident memory 6.7 -> 8.5 GB (freed memory is kept, not returned). PyTorch's CPU performance guide
+recommends the same for the same reason (there: by preloading jemalloc or tcmalloc).
 
 Two ways to the same setting: :func:`reuse_environment` for processes we start (glibc reads ``MALLOC_*``
 when a process starts), :func:`keep_freed_memory` for the running process (``mallopt``, for allocations

@@ -65,7 +65,9 @@ def loss_before_and_after_training(model, x, optimizer, steps: int, seed: int = 
 
 
 def nnunet_environment(root: Path) -> dict:
-    env = dict(os.environ)
+    from nnunet_hyspark.allocator import reuse_environment
+
+    env = reuse_environment("reuse")  # as the product's own commands run nnU-Net (nnunet_hyspark.allocator)
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / name).mkdir(parents=True, exist_ok=True)
         env[name] = str(root / name)
