@@ -29,7 +29,9 @@ def test_speed_table_has_batches_the_reference_and_the_headline_ratio(tmp_path, 
     best = min((r for r in steps if r["batch"] == 1), key=lambda r: r["median_s"])
     ratio = rows[("pretrain", "reference", 1)]["median_s"] / best["median_s"]
     assert result["headline"][0].startswith(f"best step vs reference fp32 at batch 1: {ratio:.2f}x")
-    assert result["headline"][1].startswith("best throughput vs reference fp32 at batch 1:")
+    dense_ratio = rows[("pretrain", "dense", 1)]["median_s"] / best["median_s"]
+    assert result["headline"][1].startswith(f"best step vs dense fp32 at batch 1: {dense_ratio:.2f}x")
+    assert result["headline"][2].startswith("best throughput vs reference fp32 at batch 1:")
     md = (tmp_path / "speed.md").read_text()
     assert "| pretrain | fp32 | blocks | 2 |" in md and "torch threads: 1" in md
     assert "AMX bf16: " in md and "AVX-512 bf16: " in md and result["headline"][0] in md
