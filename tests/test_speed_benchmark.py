@@ -29,11 +29,18 @@ def test_speed_table_has_batches_the_reference_and_the_headline_ratio(tmp_path, 
     best = min((r for r in steps if r["batch"] == 1), key=lambda r: r["median_s"])
     ratio = rows[("pretrain", "reference", 1)]["median_s"] / best["median_s"]
     assert result["headline"][0].startswith(f"best step vs reference fp32 at batch 1: {ratio:.2f}x")
+    # FLOPs of one step: blocks computes only the kept cells in the encoder, so fewer than dense; dense's
+    # decoder composes the up-convolution with the conv after it, so fewer than the reference
+    gflop = {b: rows[("pretrain", b, 1)]["gflop"] for b in ("reference", "dense", "blocks")}
+    assert gflop["reference"] > gflop["dense"] > gflop["blocks"] > 0, gflop
+    assert rows[("pretrain", "blocks", 2)]["gflop"] == pytest.approx(2 * gflop["blocks"], rel=0.05)
+    assert f"FLOP ratio {gflop['reference'] / best['gflop']:.2f}x" in result["headline"][0]
     dense_ratio = rows[("pretrain", "dense", 1)]["median_s"] / best["median_s"]
     assert result["headline"][1].startswith(f"best step vs dense fp32 at batch 1: {dense_ratio:.2f}x")
     assert result["headline"][2].startswith("best throughput vs reference fp32 at batch 1:")
     md = (tmp_path / "speed.md").read_text()
     assert "| pretrain | fp32 | blocks | 2 |" in md and "torch threads: 1" in md
+    assert f"| {rows[('pretrain', 'blocks', 2)]['gflop']:.0f} |" in md
     assert "AMX bf16: " in md and "AVX-512 bf16: " in md and result["headline"][0] in md
     assert "AMX bf16: " in capsys.readouterr().out
 

@@ -2,8 +2,8 @@
 
 For each backend, precision and batch size it times the masked encoder alone and the full HySparK
 pre-training step (forward, backward, AdamW), and optionally the data pipeline alone (crops per second
-from preprocessed data). Reports median step time, samples per second, peak memory and the throughput
-ratio against the first row of each kind, with the device, its CPU model and bf16 features (AMX,
+from preprocessed data). Reports median step time, samples per second, peak memory, the FLOPs of a full
+step and the throughput ratio against the first row of each kind, with the device, its CPU model and bf16 features (AMX,
 AVX-512 bf16) and the thread count, as JSON and a markdown table, plus the headline: the best step
 against the ``reference`` (the published formulation: dense CNN then mask, plain decoder) in fp32 at
 batch 1. Figures on a shared machine are noisy: compare the ratios of one run, not numbers across runs.
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_hyspark.allocator import DEFAULT_MALLOC, apply_malloc_mode
 from nnunet_hyspark.hardware import cpu_info
@@ -35,7 +36,9 @@ def _time_pretrain_step(backend: str, batch: int, patch, widths, mask_ratio: flo
                         device: str, dtype: str, num_threads: int | None, seed: int,
                         compile_decoder: bool = False, malloc: str = DEFAULT_MALLOC) -> dict:
     """Median time of a full HySparK step (encoder + densify + light decoder + loss + AdamW); ``backend``
-    ``reference`` is the published formulation (dense backend, ``HySparK(reference=True)``)."""
+    ``reference`` is the published formulation (dense backend, ``HySparK(reference=True)``). ``gflop``: the
+    convolutions and matrix products of one step, forward and backward (torch's FLOP counter, on the first
+    warm-up step), which bound what any kernel speed-up can give."""
     from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
     from nnunet_hyspark.methods.hyspark.model import HySparK
 
@@ -60,12 +63,18 @@ def _time_pretrain_step(backend: str, batch: int, patch, widths, mask_ratio: flo
         torch.cuda.reset_peak_memory_stats(dev)
         mem_before = torch.cuda.memory_allocated(dev)
     times, cpu_times = [], []
+    if warmup == 0:  # the FLOP count below needs an untimed step
+        masks.insert(0, masks[0])
+        warmup = 1
     for i, mask in enumerate(masks):
         start, cpu_start = time.perf_counter(), time.process_time()
-        with torch.autocast(dev.type, dtype=autocast) if autocast is not None else nullcontext():
-            loss = model(x, mask)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with FlopCounterMode(display=False) if i == 0 else nullcontext() as counter:
+            with torch.autocast(dev.type, dtype=autocast) if autocast is not None else nullcontext():
+                loss = model(x, mask)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        if i == 0:
+            gflop = counter.get_total_flops() / 1e9
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -79,7 +88,7 @@ def _time_pretrain_step(backend: str, batch: int, patch, widths, mask_ratio: flo
     median = statistics.median(times)
     return {"backend": backend, "median_s": median, "samples_per_s": batch / median, "peak_mem_bytes": int(peak),
             "times_s": times, "threads": torch.get_num_threads(), "device": str(dev), "dtype": dtype,
-            "median_cpu_s": statistics.median(cpu_times)}
+            "median_cpu_s": statistics.median(cpu_times), "gflop": gflop}
 
 
 def time_pretrain_step(backend: str, batch: int = 2, patch=96, widths="base", mask_ratio: float = 0.75,
@@ -130,15 +139,18 @@ def _markdown(header: dict, rows: list[dict], headline: list[str]) -> str:
         return "\n".join(lines) + "\n"
     lines += [f"step timings: patch {header['patch']}, widths {header['widths']}, mask ratio {header['mask_ratio']}; "
               "speed = samples/s against the first row of each kind (reference = the published formulation); "
-              "CPU s/step = process CPU time of all threads, steadier than wall time on a shared machine", "",
+              "CPU s/step = process CPU time of all threads, steadier than wall time on a shared machine; "
+              "GFLOP/step = convolutions and matrix products, forward and backward (torch's FLOP counter): the FLOP "
+              "ratio is what the speed-up would be at equal FLOP rates", "",
               *headline, "",
               "| what | precision | backend | batch | median step s | samples/s | peak memory MiB | speed vs first "
-              "| memory vs first | CPU s/step |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| memory vs first | CPU s/step | GFLOP/step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        gflop = f"{r['gflop']:.0f}" if r.get("gflop") is not None else "-"  # encoder rows: not counted
         lines.append(f"| {r['what']} | {r['precision']} | {r['backend']} | {r['batch']} | {r['median_s']:.3f} | "
                      f"{r['samples_per_s']:.3f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['speedup']:.2f}x | "
-                     f"{r['memory_ratio']:.2f} | {r['median_cpu_s']:.2f} |")
+                     f"{r['memory_ratio']:.2f} | {r['median_cpu_s']:.2f} | {gflop} |")
     return "\n".join(lines) + "\n"
 
 
@@ -147,9 +159,12 @@ def _find(steps: list[dict], backend: str, precision: str, batch: int) -> dict |
 
 
 def _best_step_line(best: dict, base: dict) -> str:
-    return (f"best step vs {base['backend']} {base['precision']} at batch {base['batch']}: "
+    line = (f"best step vs {base['backend']} {base['precision']} at batch {base['batch']}: "
             f"{base['median_s'] / best['median_s']:.2f}x "
             f"({best['backend']} {best['precision']}, {best['median_s']:.3f} s vs {base['median_s']:.3f} s)")
+    if best.get("gflop") and base.get("gflop"):  # what the ratio would be at equal FLOP rates
+        line += f"; FLOP ratio {base['gflop'] / best['gflop']:.2f}x"
+    return line
 
 
 def headline(rows: list[dict]) -> list[str]:
@@ -218,7 +233,7 @@ def _time_rows(args: SpeedOptions, patch: tuple[int, ...]) -> list[dict]:
                                  "peak_mem_bytes": r["peak_mem_bytes"],
                                  "speedup": r["samples_per_s"] / base["samples_per_s"],
                                  "memory_ratio": r["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1),
-                                 "times_s": r["times_s"]})
+                                 "times_s": r["times_s"], "gflop": r.get("gflop")})
                     print(f"{what:8s} {precision:4s} {backend:10s} batch {batch} {r['median_s']:.3f} s/step  "
                           f"{r['samples_per_s']:.3f} samples/s  peak {r['peak_mem_bytes'] / 2**20:.0f} MiB  "
                           f"{rows[-1]['speedup']:.2f}x vs the first", flush=True)
