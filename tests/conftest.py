@@ -5,7 +5,6 @@ would, with nnU-Net's multiprocessing turned down for a 2-core machine.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,16 +64,12 @@ def loss_before_and_after_training(model, x, optimizer, steps: int, seed: int = 
 
 
 def nnunet_environment(root: Path) -> dict:
-    from nnunet_hyspark.allocator import reuse_environment
+    """The product's own environment for nnU-Net runs (folders under ``root``, this installation's console
+    scripts first on PATH, our trainers, ``--malloc reuse``), with nnU-Net's workers forced in-process."""
+    from nnunet_hyspark.benchmark.steps import nnunet_environment as product_environment
 
-    env = reuse_environment("reuse")  # as the product's own commands run nnU-Net (nnunet_hyspark.allocator)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        env[name] = str(root / name)
-    env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", PYTHONUNBUFFERED="1",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    export = run_cmd(["hyspark_env"], env).stdout.strip()  # export nnUNet_extTrainer=...
-    env["nnUNet_extTrainer"] = export.split("=", 1)[1].strip("'")
+    env = product_environment(root)
+    env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")
     return env
 
 
