@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--malloc", default=_DEFAULTS.malloc, choices=MALLOC_MODES,
                    help="reuse = keep freed memory for the next step (glibc: mmap and trimming off): measured 1.2-2.2x "
-                        "faster CPU steps, more resident memory; system = the C library's defaults")
+                        "faster CPU steps (2-core AMD EPYC, no AMX), more resident memory; system = the C library's defaults")
     p.add_argument("--decoder-width", type=int, default=None, help="default: 2 x the ViT width (768); MiM: 1.5 x (576)")
     p.add_argument("--fuse-full-resolution", action="store_true",
                    help="also fuse the full-resolution skip in the decoder (the reference does not)")
