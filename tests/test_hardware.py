@@ -3,7 +3,7 @@ from dataclasses import replace
 
 import pytest
 
-from nnunet_hyspark.hardware import CpuInfo, auto_precision, cpu_info, parse_cpuinfo
+from nnunet_hyspark.hardware import CpuInfo, auto_precision, cpu_info, onednn_isa_cap, parse_cpuinfo
 
 
 def _cpuinfo(model: str, flags: str, processors: int = 2) -> str:
@@ -49,3 +49,42 @@ def test_pretrain_precision_auto_resolves_once_and_says_why(capsys):
     resolved, notes = run.resolve_precision(opts, "cuda")
     assert resolved.precision == "bf16" and notes == ["--precision auto: bf16 (CUDA device)"]
     assert run.resolve_precision(replace(opts, precision="fp32"), "cuda") == (replace(opts, precision="fp32"), [])
+
+
+def test_onednn_isa_cap_is_read_from_either_variable_and_all_means_none():
+    assert onednn_isa_cap({}) is None
+    assert onednn_isa_cap({"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16"}) == "AVX512_CORE_BF16"
+    assert onednn_isa_cap({"DNNL_MAX_CPU_ISA": "AVX2"}) == "AVX2"
+    assert onednn_isa_cap({"ONEDNN_MAX_CPU_ISA": "ALL", "DNNL_MAX_CPU_ISA": "DEFAULT"}) is None
+    assert onednn_isa_cap({"ONEDNN_MAX_CPU_ISA": "", "DNNL_MAX_CPU_ISA": "AVX2"}) == "AVX2"
+
+
+@pytest.mark.parametrize("cap,amx,avx512_bf16", [(None, True, True), ("AVX512_CORE_AMX", True, True),
+                                                 ("AVX512_CORE_BF16", False, True), ("AVX10_1_512", False, True),
+                                                 ("AVX512_CORE", False, False), ("AVX2", False, False)])
+def test_a_onednn_cap_hides_the_features_above_it(cap, amx, avx512_bf16):
+    cpu = parse_cpuinfo(SAPPHIRE, cores=2, isa_cap=cap)
+    assert (cpu.amx_bf16, cpu.avx512_bf16) == (True, True)  # the flags stay what the CPU has
+    assert (cpu.amx_in_use, cpu.avx512_bf16_in_use) == (amx, avx512_bf16)
+    assert auto_precision("cpu", cpu)[0] == ("bf16" if amx else "fp32")
+    assert ("not used (ONEDNN_MAX_CPU_ISA=" in cpu.describe()) == (cap is not None and not amx)
+
+
+def test_auto_precision_under_a_cap_says_the_cap_and_cuda_ignores_it():
+    capped = parse_cpuinfo(SAPPHIRE, cores=2, isa_cap="AVX512_CORE_BF16")
+    precision, why = auto_precision("cpu", capped)
+    assert precision == "fp32" and "oneDNN capped at AVX512_CORE_BF16" in why
+    assert auto_precision("cuda", capped)[0] == "bf16"
+    assert parse_cpuinfo(SAPPHIRE, cores=2).describe() == (
+        "Intel(R) Xeon(R) Platinum 8480+, 2 cores, AMX bf16: yes, AVX-512 bf16: yes")
+
+
+def test_cpu_info_reads_this_process_cap(monkeypatch, tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(SAPPHIRE)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    cpu = cpu_info(str(path))
+    assert cpu.isa_cap == "AVX2" and not cpu.amx_in_use and not cpu.avx512_bf16_in_use
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert cpu_info(str(path)).amx_in_use
