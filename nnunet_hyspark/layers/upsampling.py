@@ -142,13 +142,15 @@ def conv_weight_grad_gemm(grad_out: torch.Tensor, x: torch.Tensor, kernel_size: 
     g = g.view(-1, o)
     rows = g.shape[0]
     k = kernel_size
-    grad_w = grad_out.new_empty(k, k, k, o, c)
+    # each tap as (C_in, C_out) = x^T g: 1.1-1.4x faster than g^T x (the same numbers) at 96 -> 384 channels
+    # on 49^3 (2 threads, Xeon; also with MKL and oneDNN capped at AVX2)
+    grad_w = grad_out.new_empty(k, k, k, c, o)
     for i in range(k):
         for j in range(k):
             for m in range(k):
                 off = (i * hp + j) * wp + m
-                torch.mm(g[:rows - off].t(), xs[off:], out=grad_w[i, j, m])
-    return grad_w.permute(3, 4, 0, 1, 2)
+                torch.mm(xs[off:].t(), g[:rows - off], out=grad_w[i, j, m])
+    return grad_w.permute(4, 3, 0, 1, 2)
 
 
 class _ConvK2(torch.autograd.Function):
