@@ -88,9 +88,9 @@ def test_forward_and_gradients_match_dense(backend, shape, batch, ratio):
 
 
 @pytest.mark.parametrize("options", [{"dense_from_scale": 5}, {"dense_from_scale": 1},
-                                     {"dense_from_scale": 0}, {"channels_last": True}])
+                                     {"dense_from_scale": 0}, {"channels_last": False}])
 def test_blocks_configurations_match_dense(options):
-    """Cells at every scale (down to 1^3), the dense fallback from any scale, channels-last outputs."""
+    """Cells at every scale (down to 1^3), the dense fallback from any scale, channels-first outputs."""
     _compare_with_dense(get_backend("blocks", **options), (32, 48, 16), 3, 0.5)
 
 

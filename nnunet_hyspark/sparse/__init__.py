@@ -10,7 +10,7 @@ Backends:
 
 * ``dense``  - the reference (:class:`DenseBackend`).
 * ``blocks`` - this project's block-sparse execution on the kept cells (any device; see
-  ``blocks.py``). Options: ``dense_from_scale`` (default 4), ``channels_last`` (default False).
+  ``blocks.py``). Options: ``dense_from_scale`` (default 4), ``channels_last`` (default True).
 * ``spconv`` - ``blocks`` with its full convs (stem, expend) run as spconv submanifold
   convolutions; CUDA only, needs the optional ``spconv`` package, imported only when requested.
   UNTESTED here (no GPU, no spconv): run tests/test_sparse_backends.py on a CUDA machine first.

@@ -26,8 +26,10 @@ All steps are differentiable tensor ops (index_select / index_copy / conv /
 pool), so autograd gives the backward pass (the one hand-written backward is a
 transposition, ``TransposeSamples``), and the modules' own parameters are used.
 
-Outputs are dense maps in contiguous channels-first memory like the dense
-backend's (``channels_last=True`` skips that final transposition). Under
+Outputs are dense maps in channels-last-3d memory, which the HySparK decoder
+reads (it converts every skip to channels-last for oneDNN's convolutions), so no
+transposition is made only to be undone; ``channels_last=False`` gives contiguous
+channels-first maps like the dense backend's. Under
 autocast they keep the autocast dtype, where the dense backend's mask multiply
 promotes them to float32.
 """
@@ -250,14 +252,14 @@ class BlockSparseBackend:
     """Callable ``(embeddings, x, mask) -> [x1, x2, x3, x4, h5]`` (dense maps, same numbers as ``dense``).
 
     ``dense_from_scale``: first scale (0..4) executed dense-then-mask; 5 = cells everywhere,
-    0 = the dense reference throughout. ``channels_last``: return the maps in channels-last-3d
-    memory (saves a transposition per map; convs downstream accept either layout); by default
-    they are contiguous channels-first like the dense backend's.
+    0 = the dense reference throughout. ``channels_last`` (default): return the maps in channels-last-3d
+    memory (saves a transposition per map, and HySparK's decoder's transposition back: 1.01x on a 96^3
+    step, 2 threads, Xeon); False: contiguous channels-first like the dense backend's.
     """
 
     name = "blocks"
 
-    def __init__(self, dense_from_scale: int = DEFAULT_DENSE_FROM_SCALE, channels_last: bool = False):
+    def __init__(self, dense_from_scale: int = DEFAULT_DENSE_FROM_SCALE, channels_last: bool = True):
         if not 0 <= dense_from_scale <= 5:
             raise ValueError(f"dense_from_scale must be in 0..5, got {dense_from_scale}")
         self.dense_from_scale = dense_from_scale

@@ -55,7 +55,7 @@ class SpconvBackend(BlockSparseBackend):
 
     name = "spconv"
 
-    def __init__(self, dense_from_scale: int = DEFAULT_DENSE_FROM_SCALE, channels_last: bool = False):
+    def __init__(self, dense_from_scale: int = DEFAULT_DENSE_FROM_SCALE, channels_last: bool = True):
         super().__init__(dense_from_scale, channels_last)
         self._spconv = _import_spconv()
         self._executors: dict[tuple, nn.Module] = {}
