@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=_DEFAULTS.precision, choices=["fp32", "bf16", "fp16", "auto"],
                    help="bf16 autocast speeds up CUDA GPUs and CPUs with AMX (Intel Xeon Sapphire Rapids and later; "
                         "on CPUs without AMX it measured slower than fp32); fp16 is CUDA only (with a gradient "
-                        "scaler); auto = bf16 on CUDA and on AMX CPUs, fp32 elsewhere (the log says which)")
+                        "scaler); auto = bf16 on CUDA and on AMX CPUs (unless ONEDNN_MAX_CPU_ISA caps oneDNN "
+                        "below AMX), fp32 elsewhere (the log says which)")
     p.add_argument("--sparse-backend", default=_DEFAULTS.sparse_backend,
                    help="how HySparK's masked CNN runs, all with the same numbers: dense (reference), blocks "
                         "(project's own block-sparse), spconv (CUDA only); auto = blocks on CPU (measured "
