@@ -7,13 +7,15 @@ from conftest import run_cmd
 from nnunet_hyspark.cli.benchmark import main
 
 
-def test_speed_table_has_batches_the_reference_and_the_headline_ratio(tmp_path, capsys):
+def test_speed_table_has_batches_the_reference_and_the_headline_ratio(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # the header names oneDNN's cap (rows run AVX2 kernels)
     main(["speed", "--what", "pretrain", "--widths", "tiny", "--patch", "32", "--steps", "1", "--warmup", "0",
           "--threads", "1", "--batch", "1", "2", "--output", str(tmp_path)])
     result = json.loads((tmp_path / "speed.json").read_text())
     header = result["header"]
     assert header["threads"] == 1 and header["device"] == "cpu" and header["batch"] == [1, 2]
     assert isinstance(header["cpu_amx_bf16"], bool) and isinstance(header["cpu_avx512_bf16"], bool)
+    assert header["onednn_isa_cap"] == "AVX2"
     rows = {(r["what"], r["backend"], r["batch"]): r for r in result["rows"]}
     assert set(rows) == {("pretrain", b, n) for b in ("reference", "dense", "blocks") for n in (1, 2)}
     for what in ("pretrain",):
@@ -42,7 +44,8 @@ def test_speed_table_has_batches_the_reference_and_the_headline_ratio(tmp_path, 
     assert "| pretrain | fp32 | blocks | 2 |" in md and "torch threads: 1" in md
     assert f"| {rows[('pretrain', 'blocks', 2)]['gflop']:.0f} |" in md
     assert "AMX bf16: " in md and "AVX-512 bf16: " in md and result["headline"][0] in md
-    assert "AMX bf16: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "AMX bf16: " in out and "oneDNN capped at AVX2" in out
 
 
 def test_several_precisions_in_one_run_are_compared_with_the_first(tmp_path):

@@ -253,7 +253,8 @@ def run(args: SpeedOptions) -> Path:
     cpu = cpu_info()
     header = {"device": args.device, "threads": args.threads or torch.get_num_threads(),
               "device_name": _device_name(args.device), "cpu": cpu.model, "cpu_amx_bf16": cpu.amx_bf16,
-              "cpu_avx512_bf16": cpu.avx512_bf16, "onednn_isa_cap": cpu.isa_cap, "precision": list(args.precision), "batch": list(args.batches),
+              "cpu_avx512_bf16": cpu.avx512_bf16, "onednn_isa_cap": cpu.isa_cap,
+              "precision": list(args.precision), "batch": list(args.batches),
               "patch": list(patch), "widths": args.widths, "mask_ratio": args.mask_ratio, "torch": torch.__version__,
               "compile": args.compile, "malloc": args.malloc}
     print(f"device: {args.device} ({header['device_name']}); {malloc_note}", flush=True)
