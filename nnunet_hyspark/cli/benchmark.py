@@ -159,7 +159,9 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--widths", default=d.widths, help="base, tiny, or five comma-separated widths")
     parser.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
     parser.add_argument("--steps", type=int, default=d.steps, help="timed steps (after --warmup untimed ones)")
-    parser.add_argument("--warmup", type=int, default=d.warmup)
+    parser.add_argument("--warmup", type=int, default=d.warmup,
+                        help="untimed steps first; the process heap grows for about 4 steps at 96^3 (page faults), "
+                             "so use 4 for steady-state figures there")
     parser.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
     parser.add_argument("--precision", nargs="+", default=list(d.precision), choices=sorted(AUTOCAST_DTYPES),
                         help="one or more; e.g. 'fp32 bf16' times every backend in both, against fp32 + the "
