@@ -62,6 +62,7 @@ class CpuInfo:
 
     @property
     def avx512_bf16_in_use(self) -> bool:
+        """AVX-512 bf16 is on the CPU and oneDNN may use it."""
         return self.avx512_bf16 and _cap_allows(self.isa_cap, "avx512_bf16")
 
     def describe(self) -> str:
