@@ -175,7 +175,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                              "and trimming off), system = the C library's defaults; run both to see what it buys")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decoder (inductor) in the pretrain rows; off by default (compiling takes "
-                             "minutes on a CPU; measured slower there: blocks fp32 at 96^3 on a 2-core Xeon, 10.96 s vs 10.03 s a step)")
+                             "minutes on a CPU; measured slower there: blocks fp32 at 96^3 on a 2-core Xeon with AMX, "
+                             "1.09x slower, 10.96 s vs 10.03 s a step)")
 
 
 def run_speed(args: argparse.Namespace) -> int:

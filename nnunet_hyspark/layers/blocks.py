@@ -68,8 +68,8 @@ class MedNeXtUpBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             # both paths below read x as (B, X, Y, Z, C) rows; on a channels-first x (a ResBlock's output) they
-            # ran strided, and the up-convolution's step took 2.2x as long (64 channels at 32^3, Xeon); this
-            # copy is of the low-resolution input, 1/8 of the output's size
+            # ran strided, and the up-convolution's step took 2.2x as long (64 channels at 32^3, fp32, Xeon with
+            # AMX); this copy is of the low-resolution input, 1/8 of the output's size
             x = x.contiguous(memory_format=torch.channels_last_3d)
         y = pointwise_mlp(depthwise_up2(x, self.conv1), self.norm, self.conv2, self.act, self.conv3)
         return add_up_residual(y, x, self.res_conv)

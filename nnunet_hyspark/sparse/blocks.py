@@ -254,7 +254,7 @@ class BlockSparseBackend:
     ``dense_from_scale``: first scale (0..4) executed dense-then-mask; 5 = cells everywhere,
     0 = the dense reference throughout. ``channels_last`` (default): return the maps in channels-last-3d
     memory (saves a transposition per map, and HySparK's decoder's transposition back: 1.01x on a 96^3
-    step, 2 threads, Xeon); False: contiguous channels-first like the dense backend's.
+    step, fp32, 2 threads, Xeon with AMX); False: contiguous channels-first like the dense backend's.
     """
 
     name = "blocks"
