@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from nnunet_hyspark.benchmark.gpu_options import REPO_ROOT, GpuCheckOptions
+from nnunet_hyspark.hardware import cpu_info
 
 Record = Callable[..., None]
 #: packages the check reports on: optional ones (spconv: a CUDA wheel) and nnU-Net's (absent from bare images)
@@ -27,16 +28,6 @@ PACKAGES = ("spconv", "cumm", "nnunetv2", "matplotlib", "pytest")
 
 
 # ----------------------------------------------------------------------------------------------- env
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
@@ -54,7 +45,7 @@ def stage_env(opts: GpuCheckOptions, record: Record, deadline: float) -> dict:
     env: dict[str, Any] = {
         "python": sys.executable, "python_version": platform.python_version(), "torch": torch.__version__,
         "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "device": device,
-        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_info().model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
         "packages": {p: importlib.util.find_spec(p) is not None for p in PACKAGES},
         "sparse_backends": available_backends(device),
