@@ -11,6 +11,7 @@ from nnunet_hyspark.benchmark.gpu_check import run
 from nnunet_hyspark.benchmark.gpu_options import STAGES, smoke_options
 from nnunet_hyspark.benchmark.gpu_stages import cuda_only_tests
 from nnunet_hyspark.cli.gpu_check import main
+from nnunet_hyspark.hardware import cpu_info
 
 TESTS = Path(__file__).resolve().parent
 
@@ -31,6 +32,7 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert {n: data["stages"][n]["status"] for n in STAGES} == {n: "ok" for n in STAGES}, data
     r = {n: data["stages"][n]["result"] for n in STAGES}
     assert r["env"]["device"] == "cpu" and "spconv" in r["env"]["packages"]
+    assert r["env"]["cpu"] == cpu_info().model  # the host CPU, named as everywhere else
     assert r["tests"]["counts"]["failed"] == 0 and r["tests"]["counts"]["skipped"] == len(r["tests"]["cases"]) > 0
     assert r["memory"]["rows"]["hiend_mae"]["estimate_gib"] > 0  # nothing measured on the CPU, but it ran
     assert r["memory"]["rows"]["hiend_mae"]["finetune"]["step_s"] > 0
