@@ -1,9 +1,12 @@
 """What this machine's CPU can do fast, read once from ``/proc/cpuinfo``, and the precision that follows.
 
-bf16 autocast pays on a CPU only with AMX tile units (``amx_bf16``, Intel Xeon Sapphire Rapids and
-later): measured about 2x faster there. CPUs with only ``avx512_bf16`` (and CPUs without either) ran
-HySparK's step slower in bf16 than in fp32, so ``--precision auto`` picks bf16 on CUDA and on AMX
-CPUs only. Used by ``hyspark_benchmark speed`` (its header) and ``hyspark_pretrain --precision auto``.
+bf16 autocast pays on CPUs with AMX tile units (``amx_bf16``, Intel Xeon Sapphire Rapids and later):
+HySparK's step measured about 2x faster there. On CPUs with ``avx512_bf16`` but no AMX it depends on the
+CPU: an Intel Xeon ran the step slower in bf16 than in fp32, a 2-core AMD EPYC (Zen 4) 1.8x faster. So
+``--precision auto`` picks bf16 on CUDA and on AMX CPUs, fp32 on CPUs without bf16 units, and on the
+CPUs in between times a k3 convolution both ways (:func:`time_bf16_against_fp32`, about a second) and
+takes bf16 only where it is clearly faster. Used by ``hyspark_benchmark speed`` (its header) and
+``hyspark_pretrain --precision auto``.
 
 oneDNN (torch's CPU convolutions and bf16 matrix products) can be told to use no more than a given
 instruction set, ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX512_CORE_BF16``: no AMX; ``AVX2``). Then the kernels
@@ -17,7 +20,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 CPUINFO = "/proc/cpuinfo"
 #: oneDNN's instruction-set cap (``DNNL_MAX_CPU_ISA`` is its older name); unset, ``ALL`` or ``DEFAULT``: no cap
@@ -104,9 +107,48 @@ def cpu_info(path: str = CPUINFO) -> CpuInfo:
     return parse_cpuinfo(text, isa_cap=onednn_isa_cap())
 
 
-def auto_precision(device_type: str, cpu: CpuInfo | None = None) -> tuple[str, str]:
+#: bf16 must be this much faster than fp32 in :func:`time_bf16_against_fp32` for ``--precision auto`` to
+#: take it: below it the measurement is within this machine's noise and fp32 is the exact choice
+BF16_MIN_SPEEDUP = 1.15
+
+
+def time_bf16_against_fp32(channels: int = 48, size: int = 32, repeats: int = 3) -> tuple[float, float]:
+    """Median seconds of one 3x3x3 convolution step (forward and backward, channels-last, batch 1,
+    ``channels`` in and out at ``size``^3: a light-decoder layer scaled down) in fp32 and under bf16
+    autocast, on this process's CPU threads. The two are interleaved, so load from other processes
+    slows both alike; the first call of each is a warm-up (oneDNN builds its kernels then)."""
+    import statistics
+    import time
+
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, channels, size, size, size, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+    conv = torch.nn.Conv3d(channels, channels, 3, padding=1, bias=False).to(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+
+    def step(bf16: bool) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = conv(x)
+        y.float().sum().backward()
+        return time.perf_counter() - start
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(repeats + 1):
+        for bf16 in (False, True):
+            t = step(bf16)
+            if i:
+                times[bf16].append(t)
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
+def auto_precision(device_type: str, cpu: CpuInfo | None = None,
+                   measure: Callable[[], tuple[float, float]] = time_bf16_against_fp32) -> tuple[str, str]:
     """(precision, why) for ``--precision auto`` on a device of type ``device_type`` ('cuda', 'cpu', ...):
-    bf16 on CUDA and on CPUs with AMX that oneDNN may use, fp32 elsewhere."""
+    bf16 on CUDA and on CPUs with AMX that oneDNN may use; fp32 on CPUs without bf16 units in use; on
+    CPUs with AVX-512 bf16 but no AMX, bf16 where ``measure()`` (fp32 s, bf16 s) finds it at least
+    :data:`BF16_MIN_SPEEDUP` times faster."""
     if device_type == "cuda":
         return "bf16", "CUDA device"
     if device_type != "cpu":
@@ -114,7 +156,16 @@ def auto_precision(device_type: str, cpu: CpuInfo | None = None) -> tuple[str, s
     cpu = cpu or cpu_info()
     if cpu.amx_in_use:
         return "bf16", f"CPU with AMX ({cpu.model})"
-    if cpu.amx_bf16:
-        return "fp32", f"CPU without AMX in use ({cpu.model}: oneDNN capped at {cpu.isa_cap})"
-    why = "only AVX-512 bf16, which ran slower in bf16" if cpu.avx512_bf16 else "no bf16 matrix units"
-    return "fp32", f"CPU without AMX ({cpu.model}: {why})"
+    if not cpu.avx512_bf16_in_use:
+        if cpu.amx_bf16 or cpu.avx512_bf16:
+            return "fp32", f"CPU without AMX in use ({cpu.model}: oneDNN capped at {cpu.isa_cap})"
+        return "fp32", f"CPU without AMX ({cpu.model}: no bf16 matrix units)"
+    fp32_s, bf16_s = measure()
+    speedup = fp32_s / bf16_s
+    measured = (f"a 3x3x3 convolution step measured {fp32_s * 1e3:.0f} ms in fp32, {bf16_s * 1e3:.0f} ms in "
+                f"bf16: {speedup:.2f}x")
+    model = cpu.model + (f", oneDNN capped at {cpu.isa_cap}" if cpu.isa_cap else "")
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", f"CPU with AVX-512 bf16, no AMX ({model}): {measured}"
+    return "fp32", (f"CPU without AMX ({model}, AVX-512 bf16 only): {measured}, "
+                    f"below the {BF16_MIN_SPEEDUP}x that bf16 must gain")

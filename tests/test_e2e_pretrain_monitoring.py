@@ -128,3 +128,17 @@ def test_bad_monitoring_input_ends_in_one_line_and_writes_nothing(synthetic_ct, 
         assert len(lines) == 1 and lines[0].startswith("error: ") and " -> " in lines[0], proc.stderr[-2000:]
         assert expected in lines[0], (expected, lines[0])
         assert not out.exists(), expected
+
+
+def test_precision_auto_runs_the_precision_it_logs(synthetic_ct, tmp_path):
+    """``--precision auto`` through the command: the log says what it chose and why (on this CPU: by its
+    flags, or by a timing where it has AVX-512 bf16 without AMX), and the run uses that precision."""
+    out = tmp_path / "run"
+    proc = run_cmd(["hyspark_pretrain", "-d", str(synthetic_ct["labelled"]), "--epochs", "1", "--iterations", "1",
+                    *SHORT, "--precision", "auto", "-o", str(out)], synthetic_ct["env"])
+    log = (out / "training_log.txt").read_text()
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("--precision auto: "))
+    chosen = line.split()[2]
+    assert chosen in ("fp32", "bf16") and line in log
+    assert "(CPU " in line  # the reason names the CPU
+    assert json.loads((out / "pretrain_config.json").read_text())["precision"] == chosen

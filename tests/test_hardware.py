@@ -3,7 +3,8 @@ from dataclasses import replace
 
 import pytest
 
-from nnunet_hyspark.hardware import CpuInfo, auto_precision, cpu_info, onednn_isa_cap, parse_cpuinfo
+from nnunet_hyspark.hardware import (BF16_MIN_SPEEDUP, CpuInfo, auto_precision, cpu_info, onednn_isa_cap,
+                                     parse_cpuinfo, time_bf16_against_fp32)
 
 
 def _cpuinfo(model: str, flags: str, processors: int = 2) -> str:
@@ -14,6 +15,15 @@ def _cpuinfo(model: str, flags: str, processors: int = 2) -> str:
 SAPPHIRE = _cpuinfo("Intel(R) Xeon(R) Platinum 8480+", "avx512f avx512_bf16 amx_bf16 amx_tile amx_int8")
 COOPER = _cpuinfo("Intel(R) Xeon(R) Platinum 8380H", "avx512f avx512_bf16")
 EPYC = _cpuinfo("AMD EPYC", "fma bmi2")
+GENOA = _cpuinfo("AMD EPYC", "fma bmi2 avx512f avx512_bf16")  # Zen 4: AVX-512 bf16, no AMX
+
+
+def no_gain():  # a timing in which bf16 gains nothing: (fp32 s, bf16 s)
+    return 1.0, 1.0
+
+
+def must_not_time():
+    raise AssertionError("the CPU's flags decide here: nothing should be timed")
 
 
 def test_cpuinfo_flags_are_read_from_the_first_processor():
@@ -29,13 +39,35 @@ def test_unreadable_cpuinfo_means_no_features(tmp_path):
     assert not cpu.amx_bf16 and not cpu.avx512_bf16 and cpu.model and cpu.cores >= 1
 
 
-@pytest.mark.parametrize("text,device,want", [(SAPPHIRE, "cpu", "bf16"), (COOPER, "cpu", "fp32"),
-                                              (EPYC, "cpu", "fp32"), (EPYC, "cuda", "bf16"),
-                                              (SAPPHIRE, "mps", "fp32")])
-def test_auto_precision_is_bf16_on_cuda_and_amx_cpus_only(text, device, want):
-    precision, why = auto_precision(device, parse_cpuinfo(text))
+@pytest.mark.parametrize("text,device,want", [(SAPPHIRE, "cpu", "bf16"), (EPYC, "cpu", "fp32"),
+                                              (EPYC, "cuda", "bf16"), (SAPPHIRE, "mps", "fp32")])
+def test_auto_precision_follows_the_flags_without_timing_on_cuda_amx_and_cpus_without_bf16(text, device, want):
+    precision, why = auto_precision(device, parse_cpuinfo(text), measure=must_not_time)
     assert precision == want
     assert ("without AMX" in why) == (device == "cpu" and want == "fp32")
+
+
+@pytest.mark.parametrize("text", [COOPER, GENOA])
+@pytest.mark.parametrize("fp32_s,bf16_s,want", [(1.0, 0.55, "bf16"), (1.0, 1.0 / BF16_MIN_SPEEDUP, "bf16"),
+                                                (1.0, 0.9, "fp32"), (1.0, 1.3, "fp32")])
+def test_auto_precision_times_bf16_on_cpus_with_avx512_bf16_but_no_amx(text, fp32_s, bf16_s, want):
+    """Such CPUs differ (an Intel Xeon ran bf16 slower, a Zen 4 EPYC 1.8x faster): the timing decides, and
+    bf16 must gain at least BF16_MIN_SPEEDUP."""
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return fp32_s, bf16_s
+
+    precision, why = auto_precision("cpu", parse_cpuinfo(text), measure=measure)
+    assert (precision, len(calls)) == (want, 1)
+    assert f"{fp32_s / bf16_s:.2f}x" in why and "AVX-512 bf16" in why
+    assert f"{fp32_s * 1e3:.0f} ms in fp32, {bf16_s * 1e3:.0f} ms in bf16" in why
+
+
+def test_bf16_timing_runs_a_real_convolution_both_ways():
+    fp32_s, bf16_s = time_bf16_against_fp32(channels=4, size=8, repeats=1)
+    assert 0 < fp32_s < 10 and 0 < bf16_s < 10
 
 
 def test_pretrain_precision_auto_resolves_once_and_says_why(capsys):
@@ -66,14 +98,16 @@ def test_a_onednn_cap_hides_the_features_above_it(cap, amx, avx512_bf16):
     cpu = parse_cpuinfo(SAPPHIRE, cores=2, isa_cap=cap)
     assert (cpu.amx_bf16, cpu.avx512_bf16) == (True, True)  # the flags stay what the CPU has
     assert (cpu.amx_in_use, cpu.avx512_bf16_in_use) == (amx, avx512_bf16)
-    assert auto_precision("cpu", cpu)[0] == ("bf16" if amx else "fp32")
+    assert auto_precision("cpu", cpu, measure=no_gain)[0] == ("bf16" if amx else "fp32")
     assert ("not used (ONEDNN_MAX_CPU_ISA=" in cpu.describe()) == (cap is not None and not amx)
 
 
 def test_auto_precision_under_a_cap_says_the_cap_and_cuda_ignores_it():
     capped = parse_cpuinfo(SAPPHIRE, cores=2, isa_cap="AVX512_CORE_BF16")
-    precision, why = auto_precision("cpu", capped)
+    precision, why = auto_precision("cpu", capped, measure=no_gain)
     assert precision == "fp32" and "oneDNN capped at AVX512_CORE_BF16" in why
+    precision, why = auto_precision("cpu", parse_cpuinfo(SAPPHIRE, cores=2, isa_cap="AVX2"), measure=must_not_time)
+    assert precision == "fp32" and "oneDNN capped at AVX2" in why
     assert auto_precision("cuda", capped)[0] == "bf16"
     assert parse_cpuinfo(SAPPHIRE, cores=2).describe() == (
         "Intel(R) Xeon(R) Platinum 8480+, 2 cores, AMX bf16: yes, AVX-512 bf16: yes")

@@ -57,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient-norm clipping, 0 disables (default: the method's, see above)")
     p.add_argument("--device", default=_DEFAULTS.device, choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default=_DEFAULTS.precision, choices=["fp32", "bf16", "fp16", "auto"],
-                   help="bf16 autocast speeds up CUDA GPUs and CPUs with AMX (Intel Xeon Sapphire Rapids and later; "
-                        "on CPUs without AMX it measured slower than fp32); fp16 is CUDA only (with a gradient "
-                        "scaler); auto = bf16 on CUDA and on AMX CPUs (unless ONEDNN_MAX_CPU_ISA caps oneDNN "
-                        "below AMX), fp32 elsewhere (the log says which)")
+                   help="bf16 autocast speeds up CUDA GPUs and CPUs with AMX (Intel Xeon Sapphire Rapids and later); "
+                        "on CPUs with AVX-512 bf16 only it measured 1.8x faster (AMD EPYC Zen 4) or slower (Intel "
+                        "Xeon) than fp32; fp16 is CUDA only (with a gradient scaler); auto = bf16 on CUDA and on "
+                        "AMX CPUs, fp32 on CPUs without bf16 units, and on AVX-512 bf16 CPUs whichever a short "
+                        "convolution timing finds faster (bf16 only at >= 1.15x); ONEDNN_MAX_CPU_ISA caps count; "
+                        "the log says what auto chose and why")
     p.add_argument("--sparse-backend", default=_DEFAULTS.sparse_backend,
                    help="how HySparK's masked CNN runs, all with the same numbers: dense (reference), blocks "
                         "(project's own block-sparse), spconv (CUDA only); auto = blocks on CPU (measured "

@@ -56,6 +56,14 @@ class DistContext:
         dist.all_reduce(value)
         return value / self.world_size
 
+    def from_main(self, value: object) -> object:
+        """Rank 0's ``value`` on every rank (any picklable object; the others pass anything, e.g. None)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -257,11 +257,11 @@ def pretrain(opts: PretrainOptions) -> "Path | CostEstimate | None":
     recipe = data_recipe(opts, spec)
     recipe.check()
     device = compat.resolve_device(opts.device)
-    opts, precision_notes = resolve_precision(opts, device.type)
+    dist = DistContext.from_environment(device.type)
+    opts, precision_notes = resolve_precision(opts, device.type, dist=dist)
     precision_notes.append(apply_malloc_mode(opts.malloc))  # before the model and the loaders allocate
     backend = _resolve_sparse_backend(opts.sparse_backend, device)
     opts = replace(opts, sparse_backend=backend.name)
-    dist = DistContext.from_environment(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
@@ -349,15 +349,22 @@ def _run(opts: PretrainOptions, spec: MethodSpec, backend, device, dist, train_i
         trainer.monitor.close()
 
 
-def resolve_precision(opts: PretrainOptions, device_type: str, cpu=None) -> tuple[PretrainOptions, list[str]]:
-    """``--precision auto``: bf16 on CUDA and on CPUs with AMX, fp32 elsewhere (:mod:`nnunet_hyspark.hardware`;
-    ``cpu``: a ``CpuInfo``, default this machine's); returns the options with the precision chosen and the
-    line that says why (printed now, logged by the run)."""
+def resolve_precision(opts: PretrainOptions, device_type: str, cpu=None,
+                      dist: "DistContext | None" = None) -> tuple[PretrainOptions, list[str]]:
+    """``--precision auto``: bf16 on CUDA and on CPUs with AMX, fp32 on CPUs without bf16 units, and by a
+    short timing on CPUs with AVX-512 bf16 only (:func:`nnunet_hyspark.hardware.auto_precision`; ``cpu``: a
+    ``CpuInfo``, default this machine's); returns the options with the precision chosen and the line that
+    says why (printed now, logged by the run). Under torchrun on the CPU rank 0 decides for every rank: a
+    timing on each rank could differ, and the ranks would slow each other's."""
     if opts.precision != "auto":
         return opts, []
     from nnunet_hyspark.hardware import auto_precision
 
-    precision, why = auto_precision(device_type, cpu)
+    if dist is None or not dist.enabled or device_type != "cpu":
+        choice = auto_precision(device_type, cpu)
+    else:
+        choice = dist.from_main(auto_precision(device_type, cpu) if dist.is_main else None)
+    precision, why = choice
     line = f"--precision auto: {precision} ({why})"
     print(line)
     return replace(opts, precision=precision), [line]
