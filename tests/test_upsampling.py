@@ -1,6 +1,8 @@
 """The decoder's up-convolution and its k3 conv composed into one convolution: the same function."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -15,11 +17,31 @@ def _pair(c_in: int, c_mid: int, c_out: int, bias: bool, dtype=torch.float64):
     return up, conv
 
 
+@contextlib.contextmanager
+def uninitialised_memory_as_nan():
+    """Every ``torch.empty`` filled with NaN: a buffer that the code forgets to write shows in the result
+    (without this, fresh memory is often zero and such a bug passes)."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # with fill_uninitialized_memory (default True): NaN in empties
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.parametrize("nan_empty", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(2, 6, 5, 4, 3), (1, 8, 1, 2, 6)])
-def test_composed_conv_equals_up_conv_then_conv(shape, bias):
+def test_composed_conv_equals_up_conv_then_conv(shape, bias, nan_empty):
     """Values and every gradient (input, both kernels, the up-conv's bias) equal to float64 rounding,
-    on odd sizes, a size of 1 (every output voxel at a border) and without a bias."""
+    on odd sizes, a size of 1 (every output voxel at a border) and without a bias; also where the
+    memory the code allocates starts as NaN (its buffers are written, or zeroed, wherever they are read)."""
+    with uninitialised_memory_as_nan() if nan_empty else contextlib.nullcontext():
+        _check_composed_conv(shape, bias)
+
+
+def _check_composed_conv(shape, bias):
     up, conv = _pair(shape[1], shape[1], 3, bias)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     want = conv(up(x))
