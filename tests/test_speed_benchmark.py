@@ -16,6 +16,9 @@ def test_speed_table_has_batches_the_reference_and_the_headline_ratio(tmp_path, 
     assert header["threads"] == 1 and header["device"] == "cpu" and header["batch"] == [1, 2]
     assert isinstance(header["cpu_amx_bf16"], bool) and isinstance(header["cpu_avx512_bf16"], bool)
     assert header["onednn_isa_cap"] == "AVX2"
+    # under the AVX2 cap no bf16 units are in use: auto decides by the flags, fp32, and says so
+    assert header["precision_auto"] == {"choice": "fp32", "why": header["precision_auto"]["why"]}
+    assert "oneDNN capped at AVX2" in header["precision_auto"]["why"]
     rows = {(r["what"], r["backend"], r["batch"]): r for r in result["rows"]}
     assert set(rows) == {("pretrain", b, n) for b in ("reference", "dense", "blocks") for n in (1, 2)}
     for what in ("pretrain",):
@@ -46,6 +49,8 @@ def test_speed_table_has_batches_the_reference_and_the_headline_ratio(tmp_path, 
     assert "AMX bf16: " in md and "AVX-512 bf16: " in md and result["headline"][0] in md
     out = capsys.readouterr().out
     assert "AMX bf16: " in out and "oneDNN capped at AVX2" in out
+    auto_line = f"hyspark_pretrain --precision auto here: fp32 ({header['precision_auto']['why']})"
+    assert auto_line in out and auto_line in md
 
 
 def test_several_precisions_in_one_run_are_compared_with_the_first(tmp_path):

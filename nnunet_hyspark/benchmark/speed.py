@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_hyspark.allocator import DEFAULT_MALLOC, apply_malloc_mode
-from nnunet_hyspark.hardware import cpu_info
+from nnunet_hyspark.hardware import auto_precision, cpu_info
 from nnunet_hyspark.io import atomic_json_save, atomic_path
 from nnunet_hyspark.sparse.benchmark import (AUTOCAST_DTYPES, as_patch3, current_rss_bytes, parse_widths,
                                              time_encoder)
@@ -131,10 +131,15 @@ class SpeedOptions:
         return (self.batch,) if isinstance(self.batch, int) else tuple(self.batch)
 
 
+def _auto_line(header: dict) -> str:
+    auto = header["precision_auto"]
+    return f"hyspark_pretrain --precision auto here: {auto['choice']} ({auto['why']})"
+
+
 def _markdown(header: dict, rows: list[dict], headline: list[str]) -> str:
     lines = ["# hyspark_benchmark speed", "",
              f"device: {header['device']} ({header['device_name']}), torch threads: {header['threads']}, "
-             f"torch {header['torch']}, --malloc {header['malloc']} (every row)"]
+             f"torch {header['torch']}, --malloc {header['malloc']} (every row)", "", _auto_line(header)]
     if not rows:  # data pipeline only
         return "\n".join(lines) + "\n"
     lines += [f"step timings: patch {header['patch']}, widths {header['widths']}, mask ratio {header['mask_ratio']}; "
@@ -251,13 +256,17 @@ def run(args: SpeedOptions) -> Path:
     _check(args)
     patch = tuple(args.patch) * 3 if len(args.patch) == 1 else tuple(args.patch)
     cpu = cpu_info()
+    # what hyspark_pretrain --precision auto would run here (a short timing on AVX-512 bf16 CPUs without AMX),
+    # taken before the rows so that it sees the same quiet machine; the fp32 / bf16 rows are the full evidence
+    auto = auto_precision(torch.device(args.device).type, cpu)
     header = {"device": args.device, "threads": args.threads or torch.get_num_threads(),
               "device_name": _device_name(args.device), "cpu": cpu.model, "cpu_amx_bf16": cpu.amx_bf16,
               "cpu_avx512_bf16": cpu.avx512_bf16, "onednn_isa_cap": cpu.isa_cap,
               "precision": list(args.precision), "batch": list(args.batches),
               "patch": list(patch), "widths": args.widths, "mask_ratio": args.mask_ratio, "torch": torch.__version__,
-              "compile": args.compile, "malloc": args.malloc}
+              "compile": args.compile, "malloc": args.malloc, "precision_auto": {"choice": auto[0], "why": auto[1]}}
     print(f"device: {args.device} ({header['device_name']}); {malloc_note}", flush=True)
+    print(_auto_line(header), flush=True)
     rows = _time_rows(args, patch)
     result = {"header": header, "rows": rows, "headline": headline(rows)}
     if "finetune" in args.what:
