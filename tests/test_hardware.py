@@ -65,9 +65,15 @@ def test_auto_precision_times_bf16_on_cpus_with_avx512_bf16_but_no_amx(text, fp3
     assert f"{fp32_s * 1e3:.0f} ms in fp32, {bf16_s * 1e3:.0f} ms in bf16" in why
 
 
-def test_bf16_timing_runs_a_real_convolution_both_ways():
+def test_bf16_timing_runs_a_real_convolution_both_ways_and_leaves_the_global_random_stream_alone():
+    import torch
+
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
     fp32_s, bf16_s = time_bf16_against_fp32(channels=4, size=8, repeats=1)
     assert 0 < fp32_s < 10 and 0 < bf16_s < 10
+    assert torch.equal(torch.rand(3), want)  # a seeded run draws the same numbers with or without the timing
 
 
 def test_pretrain_precision_auto_resolves_once_and_says_why(capsys):
