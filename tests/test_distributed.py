@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import train_on_masks
+from test_hardware import EPYC, SAPPHIRE
 from nnunet_hyspark.methods.hyspark.encoder import HybridEncoder
 from nnunet_hyspark.methods.hyspark.model import HySparK
 from nnunet_hyspark.pretraining.distributed import DistContext
@@ -94,11 +95,6 @@ def test_torchrun_pretrain_two_processes(synthetic_ct, tmp_path):
     assert "world size 2" in log and log.count("epoch 0:") == 1  # rank 0 alone writes
 
 
-
-PLAIN_FLAGS = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: avx2\n"
-SAPPHIRE_FLAGS = "processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: avx512f avx512_bf16 amx_bf16\n"
-
-
 def precision_worker(rank, port, out):
     from nnunet_hyspark.hardware import parse_cpuinfo
     from nnunet_hyspark.pretraining.run import PretrainOptions, resolve_precision
@@ -108,7 +104,7 @@ def precision_worker(rank, port, out):
     ctx = DistContext.from_environment("cpu")
     # the ranks would decide differently on their own: rank 0 sees an AMX CPU (bf16), rank 1 one without
     # bf16 units (fp32); both must run rank 0's choice
-    cpu = parse_cpuinfo(SAPPHIRE_FLAGS if rank == 0 else PLAIN_FLAGS)
+    cpu = parse_cpuinfo(SAPPHIRE if rank == 0 else EPYC)
     opts, notes = resolve_precision(PretrainOptions(datasets=["1"], precision="auto"), "cpu", cpu, dist=ctx)
     torch.save({"precision": opts.precision, "notes": notes}, f"{out}.{rank}")
     ctx.close()
@@ -119,4 +115,5 @@ def test_precision_auto_is_rank_zeros_choice_on_every_rank(tmp_path):
     mp.spawn(precision_worker, args=(free_port(), str(out)), nprocs=2, join=True)
     results = [torch.load(f"{out}.{rank}") for rank in range(2)]
     assert [r["precision"] for r in results] == ["bf16", "bf16"]
-    assert results[0]["notes"] == results[1]["notes"] == ["--precision auto: bf16 (CPU with AMX (Intel Xeon))"]
+    assert results[0]["notes"] == results[1]["notes"] == [
+        "--precision auto: bf16 (CPU with AMX (Intel(R) Xeon(R) Platinum 8480+))"]

@@ -32,6 +32,8 @@ from nnunet_hyspark.pretraining.validation import validate_options
 from nnunet_hyspark.runlock import RunLock
 
 if TYPE_CHECKING:
+    from nnunet_hyspark.hardware import CpuInfo
+    from nnunet_hyspark.pretraining.distributed import DistContext
     from nnunet_hyspark.pretraining.estimate import CostEstimate
 
 _LOOP = LoopConfig()
@@ -349,8 +351,8 @@ def _run(opts: PretrainOptions, spec: MethodSpec, backend, device, dist, train_i
         trainer.monitor.close()
 
 
-def resolve_precision(opts: PretrainOptions, device_type: str, cpu=None,
-                      dist: "DistContext | None" = None) -> tuple[PretrainOptions, list[str]]:
+def resolve_precision(opts: PretrainOptions, device_type: str, cpu: CpuInfo | None = None,
+                      dist: DistContext | None = None) -> tuple[PretrainOptions, list[str]]:
     """``--precision auto``: bf16 on CUDA and on CPUs with AMX, fp32 on CPUs without bf16 units, and by a
     short timing on CPUs with AVX-512 bf16 only (:func:`nnunet_hyspark.hardware.auto_precision`; ``cpu``: a
     ``CpuInfo``, default this machine's); returns the options with the precision chosen and the line that
