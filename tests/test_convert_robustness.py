@@ -49,10 +49,10 @@ def test_crafted_pickle_refused_by_every_reader_and_nothing_runs(nn, tmp_path, c
     with pytest.raises(HySparKError, match="refused to load weights file"):
         load_weights_file(evil)
     # hyspark_pretrain --init-from
-    from nnunet_hyspark.pretraining.run import _init_encoder
+    from nnunet_hyspark.pretraining.model_setup import init_encoder
 
     with pytest.raises(HySparKError, match="refused to load weights file"):
-        _init_encoder(None, str(evil), {})
+        init_encoder(None, str(evil), {})
     # hyspark_benchmark folds with an arm's weights
     status, _, err = cli(["folds", "-d", "1", "-c", CONF, "-p", PLANS, "--arms", f"scratch={SCRATCH}",
                           f"pretrained={FINETUNE}:{evil}", "--dry-run"], capsys)

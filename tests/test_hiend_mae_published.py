@@ -376,13 +376,13 @@ def test_encoder_features_are_the_unetr_token_maps():
 
 
 def test_init_from_loads_a_published_checkpoint_or_our_export_into_the_pretraining_model(tmp_path, capsys):
-    from nnunet_hyspark.pretraining.run import _init_encoder
+    from nnunet_hyspark.pretraining.model_setup import init_encoder
 
     sd = published_state(seed=4)
     src = tmp_path / "hi_end_mae_ckpt_1000.pth"
     torch.save(checkpoint(sd), src)
     model = tiny_model()
-    _init_encoder(model, str(src), {}, SPEC)
+    init_encoder(model, str(src), {}, SPEC)
     captured = capsys.readouterr()
     assert f"loaded {PUBLISHED_ENTRIES - 2} tensors, ignored 2, missing 0" in captured.out
     assert "WARNING" in captured.err and "preprocessing" in captured.err
@@ -394,6 +394,6 @@ def test_init_from_loads_a_published_checkpoint_or_our_export_into_the_pretraini
     fresh = tiny_model()
     torch.nn.init.constant_(fresh.encoder.cls_token, 5.0)
     info = {"spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["CTNormalization"]}
-    _init_encoder(fresh, str(path), info, SPEC)
+    init_encoder(fresh, str(path), info, SPEC)
     assert torch.equal(fresh.encoder.blocks[11].mlp.fc2.weight, sd["encoder.blocks.11.mlp.fc2.weight"])
     assert torch.equal(fresh.encoder.cls_token, torch.full_like(fresh.encoder.cls_token, 5.0))

@@ -238,18 +238,18 @@ def test_init_from_takes_a_published_checkpoint_or_our_own_file(tmp_path, capsys
     """``hyspark_pretrain --init-from``: a published MiM checkpoint fills the whole pre-training model; one of our
     MiMUNet files fills its backbone (its layer-scale tensors have no place in pre-training)."""
     from nnunet_hyspark.methods.mim.weights import export_mim_weights
-    from nnunet_hyspark.pretraining.run import _init_encoder
+    from nnunet_hyspark.pretraining.model_setup import init_encoder
 
     sd = published_state(seed=7)
     published_file(tmp_path, sd)
     info = {"spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["CTNormalization"]}
     model = tiny_model()
-    _init_encoder(model, str(tmp_path / "checkpoint-final.pth"), info, METHODS["mim"])
+    init_encoder(model, str(tmp_path / "checkpoint-final.pth"), info, METHODS["mim"])
     assert f"loaded {len(sd) - 2} tensors, ignored 2, missing 0" in capsys.readouterr().out
     assert torch.equal(model.decoder_pred.weight, sd["decoder_pred.weight"])
     own = export_mim_weights(model.encoder, {}, {"method": "mim"}, tmp_path / "encoder_weights.pth")
     fresh = tiny_model()
-    _init_encoder(fresh, str(own), info, METHODS["mim"])
+    init_encoder(fresh, str(own), info, METHODS["mim"])
     for k, v in model.encoder.state_dict().items():
         assert torch.equal(fresh.encoder.state_dict()[k], v), k
 

@@ -35,7 +35,7 @@ def _model_build(state: Mapping[str, Any], checkpoint: Path, spec: MethodSpec) -
     build = ((state.get("loop_config") or {}).get("extra") or {}).get("model_build")
     if build:
         return dict(build)
-    from nnunet_hyspark.pretraining.run import plan_arch_kwargs
+    from nnunet_hyspark.pretraining.model_setup import plan_arch_kwargs
 
     meta = state["meta"]
     config_file = checkpoint.parent / "pretrain_config.json"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 from nnunet_hyspark import nnunet_compat as compat
 from nnunet_hyspark.allocator import DEFAULT_MALLOC, apply_malloc_mode
 from nnunet_hyspark.errors import HySparKError
-from nnunet_hyspark.methods import MethodSpec, ModelOptions, get_method, method_for_network
+from nnunet_hyspark.methods import MethodSpec, ModelOptions, get_method
 from nnunet_hyspark.methods.data_recipe import DataRecipe
 from nnunet_hyspark.pretraining.data.config import PretrainDataConfig
 from nnunet_hyspark.pretraining.loggers import make_logger, resolve_logger_name
 from nnunet_hyspark.pretraining.monitor import RunMonitor
 from nnunet_hyspark.pretraining.probe import probe_for_run
 from nnunet_hyspark.pretraining.loop import LoopConfig, recipe_defaults, stop_signals_interrupt
+from nnunet_hyspark.pretraining.model_setup import init_encoder, plan_arch_kwargs, resolve_sparse_backend
 from nnunet_hyspark.pretraining.recovery import read_resume_checkpoint
 from nnunet_hyspark.io import remove_atomic_leftovers
 from nnunet_hyspark.pretraining.run_folder import check_same_run, read_stored_options, start_fresh
@@ -33,6 +33,8 @@ from nnunet_hyspark.runlock import RunLock
 
 if TYPE_CHECKING:
     from nnunet_hyspark.hardware import CpuInfo
+    from torch import nn
+
     from nnunet_hyspark.pretraining.distributed import DistContext
     from nnunet_hyspark.pretraining.estimate import CostEstimate
 
@@ -147,73 +149,10 @@ def prepare_output_folder(output: Path, opts: PretrainOptions, is_main: bool) ->
     return None, [f"--force: moved the previous run in {output} to {moved}"] if moved else []
 
 
-def plan_arch_kwargs(dataset: int | str, plans: str, configuration: str, spec: MethodSpec) -> dict:
-    """The network arguments of a configuration, which must be the method's fine-tuning network."""
-    cm = compat.configuration(dataset, plans, configuration,
-                              hint="plan the dataset with hyspark_plan_and_preprocess")
-    if method_for_network(cm.network_arch_class_name) is not spec:
-        raise HySparKError(f"{compat.plans_file(dataset, plans)} configuration {configuration} uses "
-                           f"{cm.network_arch_class_name}, not {spec.network.class_name.rsplit('.', 1)[-1]}",
-                           f"plan the dataset with hyspark_plan_and_preprocess --network {spec.name}, then "
-                           f"-p {spec.plans_name}")
-    return dict(cm.network_arch_init_kwargs)
-
-
 def plan_patch_size(dataset: int | str, plans: str, configuration: str) -> tuple[int, ...]:
     """The patch size of a configuration (``inherits_from`` resolved by nnU-Net)."""
     cm = compat.configuration(dataset, plans, configuration, hint="plan the dataset with hyspark_plan_and_preprocess")
     return tuple(int(p) for p in cm.patch_size)
-
-
-def _resolve_sparse_backend(name: str, device):
-    """The sparse backend object, resolved once for the run (``auto``: by device)."""
-    from nnunet_hyspark.sparse import resolve_backend
-
-    try:
-        return resolve_backend(name, device)
-    except (ValueError, RuntimeError, ImportError) as e:
-        raise HySparKError(f"--sparse-backend {name}: {e}") from None
-
-
-def _init_encoder(model, path: str, info: dict, spec: MethodSpec | None = None) -> None:
-    """``--init-from``: the encoder's tensors from a weights file whose plans fit this pre-training's, or the
-    whole model from a published pre-training checkpoint of the run's method (``spec``)."""
-    from nnunet_hyspark.weights import format_report, load_weights_file, transfer_report
-
-    if spec is not None and spec.load_published_pretraining is not None:
-        from nnunet_hyspark.methods import method_for_published
-        from nnunet_hyspark.safe_load import load_user_file
-
-        obj = load_user_file(path, "weights file")  # our own files are read again below: a rare, one-off cost
-        if method_for_published(obj) is spec:
-            _init_from_published(model, obj, path, spec)
-            return
-    weights, meta = load_weights_file(path)
-    plans = compat.Preprocessing(tuple(info["spacing"]), tuple(info["normalization_schemes"]),
-                                 info.get("foreground_intensity_properties_per_channel"))
-    compat.check_weights_fit_plans(meta, plans, "this pre-training's plans", lambda m: print(m, file=sys.stderr))
-    enc_state = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
-    report = transfer_report(model.encoder.state_dict(), enc_state)
-    # tensors only pre-training has (Hi-End-MAE's class token) are not in fine-tuning files: they stay initialised
-    optional = tuple(getattr(model.encoder, "pretraining_only_keys", ()))
-    report["missing"] = [k for k in report["missing"] if k not in optional]
-    if report["missing"] or report["shape_mismatch"]:
-        raise HySparKError(f"--init-from {path} does not fit this encoder: " + "; ".join(format_report(report)[1:3]))
-    # tensors only fine-tuning has (MiM's layer-scale) are in report["ignored"]: the pre-training encoder has no place
-    model.encoder.load_state_dict({k: v for k, v in enc_state.items() if k not in report["ignored"]},
-                                  strict=not optional)
-
-
-def _init_from_published(model, checkpoint: Any, path: str, spec: MethodSpec) -> None:
-    """The whole pre-training model from a published checkpoint, with its key report. Its authors pre-trained
-    with their own preprocessing, so (as for converted checkpoints) a mismatch with the plans only warns."""
-    print(f"WARNING!!! --init-from {path} is a published {spec.title} checkpoint, pre-trained with its authors' "
-          f"preprocessing, not this run's plans. Continuing.", file=sys.stderr)
-    report = spec.load_published_pretraining(model, checkpoint)
-    print(f"--init-from {path}: published {spec.title} pre-training checkpoint: loaded {len(report['loaded'])} "
-          f"tensors, ignored {len(report['ignored'])}, missing {len(report['missing'])}")
-    for line in report["ignored"]:
-        print(f"  ignored: {line}")
 
 
 def loop_config(opts: PretrainOptions) -> LoopConfig:
@@ -262,7 +201,7 @@ def pretrain(opts: PretrainOptions) -> "Path | CostEstimate | None":
     dist = DistContext.from_environment(device.type)
     opts, precision_notes = resolve_precision(opts, device.type, dist=dist)
     precision_notes.append(apply_malloc_mode(opts.malloc))  # before the model and the loaders allocate
-    backend = _resolve_sparse_backend(opts.sparse_backend, device)
+    backend = resolve_sparse_backend(opts.sparse_backend, device)
     opts = replace(opts, sparse_backend=backend.name)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -353,26 +292,24 @@ def _run(opts: PretrainOptions, spec: MethodSpec, backend, device, dist, train_i
 
 def resolve_precision(opts: PretrainOptions, device_type: str, cpu: CpuInfo | None = None,
                       dist: DistContext | None = None) -> tuple[PretrainOptions, list[str]]:
-    """``--precision auto``: bf16 on CUDA and on CPUs with AMX, fp32 on CPUs without bf16 units, and by a
-    short timing on CPUs with AVX-512 bf16 only (:func:`nnunet_hyspark.hardware.auto_precision`; ``cpu``: a
-    ``CpuInfo``, default this machine's); returns the options with the precision chosen and the line that
-    says why (printed now, logged by the run). Under torchrun on the CPU rank 0 decides for every rank: a
-    timing on each rank could differ, and the ranks would slow each other's."""
+    """``--precision auto`` decided by :func:`nnunet_hyspark.hardware.auto_precision` (``cpu``: default this
+    machine's); returns the options with the precision chosen and the line saying why (printed, then logged).
+    Under torchrun on the CPU rank 0 decides for all: timings on each rank could differ and disturb each other."""
     if opts.precision != "auto":
         return opts, []
     from nnunet_hyspark.hardware import auto_precision
 
     if dist is None or not dist.enabled or device_type != "cpu":
-        choice = auto_precision(device_type, cpu)
+        precision, why = auto_precision(device_type, cpu)
     else:
-        choice = dist.from_main(auto_precision(device_type, cpu) if dist.is_main else None)
-    precision, why = choice
+        precision, why = dist.from_main(auto_precision(device_type, cpu) if dist.is_main else None)
     line = f"--precision auto: {precision} ({why})"
     print(line)
     return replace(opts, precision=precision), [line]
 
 
-def _build_model(opts: PretrainOptions, spec: MethodSpec, backend, info: dict, dist):
+def _build_model(opts: PretrainOptions, spec: MethodSpec, backend: Any, info: dict,
+                dist: DistContext) -> tuple[nn.Module, bool, dict[str, Any]]:
     """The pre-training model of the plans (``--init-from`` loaded, compiled if asked); returns (model, whether
     it uses the sparse backend, the arguments that rebuild it: ``model_build`` of the checkpoints)."""
     import torch
@@ -385,7 +322,7 @@ def _build_model(opts: PretrainOptions, spec: MethodSpec, backend, info: dict, d
     arch = plan_arch_kwargs(info["datasets"][0], opts.plans, opts.configuration, spec)
     model = spec.build_model(arch, info["num_input_channels"], model_options)
     if opts.init_from:
-        _init_encoder(model, opts.init_from, info, spec)
+        init_encoder(model, opts.init_from, info, spec)
     uses_backend = getattr(model, "sparse_backend", None) is not None  # a masked CNN (HySparK); others ignore it
     if opts.compile:
         model = torch.compile(model)
