@@ -149,6 +149,24 @@ def test_paper_protocol_trains_the_encoder_at_the_full_rate_with_the_papers_opti
     assert lrs["encoder/decay"] == pytest.approx(0.1 * lrs["decoder/decay"])
 
 
+def test_demo_warms_up_over_three_epochs_not_one_jump(paper_trainer):
+    """nnU-Net sets the lr once per epoch: a 1-epoch warm-up jumped 1e-4 -> 1e-2 and the demo's organs
+    collapsed to background (see the demo trainer's docstring); its ramp must stay gradual."""
+    from nnunet_hyspark.trainers.nnUNetTrainerHySparKFinetune import nnUNetTrainerHySparKFinetune_demo
+
+    t = paper_trainer(nnUNetTrainerHySparKFinetune_demo, "hyspark")
+    _, scheduler = t.configure_optimizers()
+    lrs = [_lrs(scheduler, epoch)["decoder/decay"] for epoch in range(t.num_epochs)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[3] == pytest.approx(1e-2) == max(lrs)
+    assert lrs[1] == pytest.approx(1e-4 + (1e-2 - 1e-4) / 3) and lrs[2] == pytest.approx(1e-4 + 2 * (1e-2 - 1e-4) / 3)
+    assert all(b < a for a, b in zip(lrs[3:], lrs[4:]))  # then cosine decay
+    # other schedules keep the cap at a tenth of their epochs: the same 12 epochs warm up over 1
+    other = paper_trainer(nnUNetTrainerHySparKFinetune, "hyspark")
+    other.num_epochs, other.warmup_epochs, other.initial_lr = 12, 3, 1e-2
+    _, scheduler = other.configure_optimizers()
+    assert _lrs(scheduler, 1)["decoder/decay"] == pytest.approx(1e-2)
+
+
 @pytest.mark.parametrize("method", sorted(PAPER))
 def test_paper_protocol_test_schedules_keep_the_protocol(paper_trainer, method):
     import nnunet_hyspark.trainers.nnUNetTrainerFinetunePaper as P

@@ -28,6 +28,7 @@ class nnUNetTrainerHySparK(nnUNetTrainer):
         self.initial_lr = 3e-4
         self.weight_decay = 1e-2
         self.warmup_epochs = 10
+        self.warmup_cap_fraction = 0.1  # a shortened schedule warms up over at most this share of its epochs
         self.enable_deep_supervision = True
 
     def param_group_of(self, name: str) -> tuple[str, dict]:
@@ -37,7 +38,7 @@ class nnUNetTrainerHySparK(nnUNetTrainer):
     def configure_optimizers(self):
         groups = decay_groups(self.network, self.weight_decay, self.param_group_of)
         optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=(0.9, 0.999))
-        warmup = min(self.warmup_epochs, max(self.num_epochs // 10, 0))
+        warmup = min(self.warmup_epochs, int(self.num_epochs * self.warmup_cap_fraction + 1e-9))
         scheduler = WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
         return optimizer, scheduler
 
