@@ -32,9 +32,9 @@ from nnunet_hyspark.pretraining.validation import validate_options
 from nnunet_hyspark.runlock import RunLock
 
 if TYPE_CHECKING:
-    from nnunet_hyspark.hardware import CpuInfo
     from torch import nn
 
+    from nnunet_hyspark.hardware import CpuInfo
     from nnunet_hyspark.pretraining.distributed import DistContext
     from nnunet_hyspark.pretraining.estimate import CostEstimate
 
