@@ -38,6 +38,7 @@ class nnUNetTrainerHySparK(nnUNetTrainer):
     def configure_optimizers(self):
         groups = decay_groups(self.network, self.weight_decay, self.param_group_of)
         optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=(0.9, 0.999))
+        # + 1e-9: a product such as 100 * 0.29 is 28.999999999999996 in floating point and must cap at 29
         warmup = min(self.warmup_epochs, int(self.num_epochs * self.warmup_cap_fraction + 1e-9))
         scheduler = WarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup)
         return optimizer, scheduler
