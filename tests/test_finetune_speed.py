@@ -90,6 +90,20 @@ def test_depthwise_conv3d_matches_native(kernel, bias):
     _assert_same(_grads(conv, x, lambda t: depthwise_conv3d(t, conv)), _grads(conv, x, conv))
 
 
+@pytest.mark.parametrize("kernel,channels_last", [(3, True), (5, False)])
+def test_depthwise_conv3d_on_pre_padded_input_matches_native_valid_conv(kernel, channels_last):
+    """The blocks backend's cells arrive with their halo: the fast path then runs with padding 0."""
+    torch.manual_seed(0)
+    conv = nn.Conv3d(5, 5, kernel, padding=kernel // 2, groups=5).double()
+    x = torch.randn(3, 5, 4 + kernel, 3 + kernel, 5 + kernel, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    fast = _grads(conv, x, lambda t: depthwise_conv3d(t, conv, pre_padded=True))
+    native = _grads(conv, x, lambda t: F.conv3d(t, conv.weight, conv.bias, groups=5))
+    assert fast[0][0].shape == (3, 5, 5, 4, 6)  # the valid conv: each axis shrinks by kernel - 1
+    _assert_same(fast, native, rtol=1e-10, atol=1e-12)
+
+
 def test_depthwise_conv3d_under_bf16_autocast_stays_within_bf16_tolerance():
     torch.manual_seed(0)
     conv = nn.Conv3d(4, 4, 3, padding=1, groups=4)

@@ -44,6 +44,7 @@ from torch import nn
 
 from nnunet_hyspark.masking import ENCODER_STRIDE, upsample_mask
 from nnunet_hyspark.layers.blocks import MedNeXtBlock
+from nnunet_hyspark.layers.depthwise import depthwise_conv3d
 
 #: First scale (0 = full resolution ... 4 = 1/16) run dense-then-mask by default. Measured per
 #: stage (forward + backward, default widths, 96^3, mask 0.75, 2 CPU threads): cells win by about
@@ -223,7 +224,10 @@ def sparse_conv3d(cells: torch.Tensor, layout: CellLayout, conv: nn.Conv3d) -> t
             or conv.dilation != (1, 1, 1) or conv.padding != (k // 2,) * 3):
         raise ValueError(f"blocks backend supports odd cubic stride-1 'same' convs only, got {conv}")
     padded = gather_halo(cells, layout, k // 2) if k > 1 else cells
-    out = F.conv3d(padded.permute(0, 4, 1, 2, 3), conv.weight, conv.bias, groups=conv.groups)
+    if conv.groups > 1:
+        out = depthwise_conv3d(padded.permute(0, 4, 1, 2, 3), conv, pre_padded=True)
+    else:
+        out = F.conv3d(padded.permute(0, 4, 1, 2, 3), conv.weight, conv.bias, groups=conv.groups)
     return out.permute(0, 2, 3, 4, 1).contiguous()  # already channels-last in memory: a view
 
 
