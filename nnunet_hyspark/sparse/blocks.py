@@ -23,8 +23,10 @@ as 3^3), so from ``dense_from_scale`` on (default: scale 4) the backend converts
 to a dense map and continues with the reference dense-then-mask operators.
 
 All steps are differentiable tensor ops (index_select / index_copy / conv /
-pool), so autograd gives the backward pass (the one hand-written backward is a
-transposition, ``TransposeSamples``), and the modules' own parameters are used.
+pool), so autograd gives the backward pass, and the modules' own parameters are
+used. Two backwards are hand-written: a transposition (``TransposeSamples``),
+and the depthwise convs', which use ``layers/depthwise.py`` (oneDNN's bf16
+depthwise backward on the cells took 1.9-3.6x as long; same gradients).
 
 Outputs are dense maps in channels-last-3d memory, which the HySparK decoder
 reads (it converts every skip to channels-last for oneDNN's convolutions), so no
