@@ -225,11 +225,11 @@ def sparse_conv3d(cells: torch.Tensor, layout: CellLayout, conv: nn.Conv3d) -> t
     if (conv.kernel_size != (k, k, k) or k % 2 != 1 or conv.stride != (1, 1, 1)
             or conv.dilation != (1, 1, 1) or conv.padding != (k // 2,) * 3):
         raise ValueError(f"blocks backend supports odd cubic stride-1 'same' convs only, got {conv}")
-    padded = gather_halo(cells, layout, k // 2) if k > 1 else cells
+    padded = (gather_halo(cells, layout, k // 2) if k > 1 else cells).permute(0, 4, 1, 2, 3)
     if conv.groups > 1:
-        out = depthwise_conv3d(padded.permute(0, 4, 1, 2, 3), conv, pre_padded=True)
+        out = depthwise_conv3d(padded, conv, pre_padded=True)
     else:
-        out = F.conv3d(padded.permute(0, 4, 1, 2, 3), conv.weight, conv.bias, groups=conv.groups)
+        out = F.conv3d(padded, conv.weight, conv.bias)
     return out.permute(0, 2, 3, 4, 1).contiguous()  # already channels-last in memory: a view
 
 
